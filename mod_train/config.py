@@ -86,9 +86,8 @@ class MoDConfig:
         if not (0.0 < self.dense_init_gate < 1.0):
             bad("dense_init_gate", f"{self.dense_init_gate} must lie strictly between 0 and 1")
         if self.router_init == "dense" and self.routing == "threshold":
-            top = max([self.threshold, *self.layer_thresholds.values()])
-            if self.dense_init_gate < top:
-                bad("dense_init_gate", f"{self.dense_init_gate} is below threshold {top}: "
+            if self.dense_init_gate < self.threshold:
+                bad("dense_init_gate", f"{self.dense_init_gate} is below threshold {self.threshold}: "
                     "with router_init='dense' every token must run at init; raise dense_init_gate")
         if self.alpha < 0 or self.target_weight < 0 or self.topk_bce_weight < 0:
             bad("alpha", "loss weights (alpha, target_weight, topk_bce_weight) must be >= 0")

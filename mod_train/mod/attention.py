@@ -1,0 +1,112 @@
+"""Attention over an arbitrary set of token slots, causal over ORIGINAL positions.
+
+Every attention call in a MoD model (dense or routed layer, with or without cache) is one rule:
+query i sees key j iff key j is valid, in the same document, and pos_j <= pos_i (and, with a sliding
+window, pos_i - pos_j < window). Gathered tokens keep their original order and position ids, so a
+routed layer's selected tokens attend exactly to earlier selected tokens of the same document.
+
+Kernels: SDPA with `is_causal=True` when the keys are exactly the queries of one unpadded document
+(the common long-context case, no mask materialised), SDPA with a boolean mask otherwise, and
+flash-attn's varlen kernel on CUDA when it is installed (see `varlen_segments`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # GPU extra; absent on CPU machines
+    from flash_attn import flash_attn_varlen_func  # type: ignore
+except Exception:  # pragma: no cover - depends on the install
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class Slots:
+    """Metadata of token slots laid out as [B, L]."""
+
+    pos: torch.Tensor
+    """Original position ids [B, L] (RoPE and causality)."""
+    doc: torch.Tensor | None = None
+    """Document ids [B, L]; None means one document per row."""
+    valid: torch.Tensor | None = None
+    """Bool [B, L]: real tokens; None means all valid (no padding)."""
+
+    @property
+    def simple(self) -> bool:
+        """True when rows are unpadded single documents: plain causal attention applies."""
+        return self.doc is None and self.valid is None
+
+    def gather(self, idx: torch.Tensor, valid: torch.Tensor | None) -> "Slots":
+        return Slots(self.pos.gather(1, idx), None if self.doc is None else self.doc.gather(1, idx), valid)
+
+
+def build_mask(q: Slots, k: Slots, window: int | None = None) -> torch.Tensor:
+    """Boolean [B, 1, Lq, Lk] mask of the rule above. Rows with no visible key (padding queries) see
+    every key, so SDPA never produces NaN; their outputs are never used."""
+    m = k.pos[:, None, :] <= q.pos[:, :, None]
+    if window is not None:
+        m &= (q.pos[:, :, None] - k.pos[:, None, :]) < window
+    if q.doc is not None or k.doc is not None:
+        qd = q.doc if q.doc is not None else torch.zeros_like(q.pos)
+        kd = k.doc if k.doc is not None else torch.zeros_like(k.pos)
+        m &= kd[:, None, :] == qd[:, :, None]
+    if k.valid is not None:
+        m &= k.valid[:, None, :]
+    m |= ~m.any(-1, keepdim=True)
+    return m[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: Slots, ks: Slots, scaling: float,
+           self_attention: bool, window: int | None = None) -> torch.Tensor:
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Lq, H, D].
+
+    `self_attention`: the keys are exactly the query slots (no cache), which allows the mask-free
+    causal kernel when the rows are unpadded single documents."""
+    if (flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and self_attention):
+        return _flash_varlen(q, k, v, qs, scaling, window)
+    gqa = q.shape[1] != k.shape[1]
+    if self_attention and qs.simple and window is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    elif not self_attention and q.shape[2] == 1 and ks.valid is None and ks.doc is None and window is None:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)  # decode: all keys are past
+    else:
+        mask = build_mask(qs, ks, window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def varlen_segments(s: Slots) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flatten [B, L] slots into flash-attn varlen form: (flat indices of valid slots, cu_seqlens, max_len).
+
+    A segment is a maximal run of valid slots of one row and one document; because gathered slots keep
+    their order, causal attention inside a segment is causal over original positions."""
+    B, L = s.pos.shape
+    valid = s.valid if s.valid is not None else torch.ones_like(s.pos, dtype=torch.bool)
+    doc = s.doc if s.doc is not None else torch.zeros_like(s.pos)
+    row = torch.arange(B, device=s.pos.device)[:, None].expand(B, L)
+    flat = valid.reshape(-1).nonzero().squeeze(1)
+    key = (row.reshape(-1)[flat], doc.reshape(-1)[flat])
+    new = torch.ones_like(flat, dtype=torch.bool)
+    if flat.numel() > 1:
+        new[1:] = (key[0][1:] != key[0][:-1]) | (key[1][1:] != key[1][:-1])
+    starts = new.nonzero().squeeze(1)
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return flat, cu, max_len
+
+
+def _flash_varlen(q, k, v, qs: Slots, scaling, window):  # pragma: no cover - needs CUDA + flash-attn
+    B, H, L, D = q.shape
+    flat, cu, max_len = varlen_segments(qs)
+    qf = q.transpose(1, 2).reshape(B * L, H, D)[flat]
+    kf = k.transpose(1, 2).reshape(B * L, k.shape[1], D)[flat]
+    vf = v.transpose(1, 2).reshape(B * L, v.shape[1], D)[flat]
+    ws = (-1, -1) if window is None else (window - 1, 0)
+    o = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True,
+                               window_size=ws)
+    out = q.new_zeros(B * L, H, D)
+    out[flat] = o
+    return out.view(B, L, H, D)

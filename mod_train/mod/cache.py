@@ -1,0 +1,126 @@
+"""Ragged per-layer KV cache for MoD generation.
+
+Dense layers store every token (padding included, as HF caches do). Routed layers store K/V only for
+the tokens that ran the layer, with their original positions, and each sequence of a batch has its
+own length there. Storage per layer is [B, Hkv, capacity, D] with per-row lengths; rows are filled
+left to right and capacity grows geometrically, so a decode step is O(1) amortised.
+
+`used` bytes count the stored tokens (what the cache holds); `allocated` bytes include the growth
+slack and, in batches, the rows' padding up to the longest row.
+"""
+from __future__ import annotations
+
+import torch
+
+from mod_train.mod.attention import Slots
+
+
+class _LayerKV:
+    def __init__(self):
+        self.k = self.v = self.pos = self.valid = self.length = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, s: Slots, counts: torch.Tensor):
+        """Write n new slots per row (k/v [B, Hkv, n, D]); row b keeps its first counts[b] of them."""
+        B, H, n, D = k.shape
+        valid = s.valid if s.valid is not None else torch.ones_like(s.pos, dtype=torch.bool)
+        if self.k is None:
+            self.length = torch.zeros(B, dtype=torch.long, device=k.device)
+            self._grow(B, H, D, n, k)
+        need = int((self.length + n).max())
+        if need > self.k.shape[2]:
+            self._grow(B, H, D, max(need, int(self.k.shape[2] * 1.5) + 16), k)
+        idx = self.length[:, None] + torch.arange(n, device=k.device)  # [B, n]
+        i4 = idx[:, None, :, None].expand(B, H, n, D)
+        self.k.scatter_(2, i4, k.to(self.k.dtype))
+        self.v.scatter_(2, i4, v.to(self.v.dtype))
+        self.pos.scatter_(1, idx, s.pos)
+        self.valid.scatter_(1, idx, valid & (torch.arange(n, device=k.device) < counts[:, None]))
+        self.length += counts
+
+    def _grow(self, B, H, D, cap, like):
+        old, old_v = self.k, self.v
+        self.k = like.new_zeros(B, H, cap, D)
+        self.v = like.new_zeros(B, H, cap, D)
+        pos = torch.zeros(B, cap, dtype=torch.long, device=like.device)
+        valid = torch.zeros(B, cap, dtype=torch.bool, device=like.device)
+        if old is not None:
+            L = old.shape[2]
+            self.k[:, :, :L] = old
+            self.v[:, :, :L] = old_v
+            pos[:, :L] = self.pos
+            valid[:, :L] = self.valid
+        self.pos, self.valid = pos, valid
+
+    def view(self):
+        """(k, v, Slots) of the filled part."""
+        L = int(self.length.max())
+        valid = self.valid[:, :L]
+        s = Slots(self.pos[:, :L], None, None if bool(valid.all()) else valid)
+        return self.k[:, :, :L], self.v[:, :, :L], s
+
+    def used_bytes(self) -> int:
+        if self.k is None:
+            return 0
+        per_tok = 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+        return int(self.length.sum()) * per_tok
+
+    def allocated_bytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+class MoDCache:
+    """KV cache of a MoD model. Pass it as `cache=` or let `generate()` create it."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [_LayerKV() for _ in range(num_layers)]
+        self.seen = 0  # tokens processed per row (dense positions, padding included)
+        self._is_user_defined = False
+
+    # -- HF generation interface -------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, *args, **kwargs):  # pragma: no cover - only used by compiled caches
+        raise NotImplementedError("MoDCache is dynamic; torch.compile'd static caches are not supported")
+
+    is_compileable = False
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for L in self.layers:
+            if L.k is not None:
+                for name in ("k", "v", "pos", "valid", "length"):
+                    setattr(L, name, getattr(L, name).index_select(0, beam_idx.to(L.k.device)))
+
+    # -- used by the model ---------------------------------------------------------------------------
+    def update(self, layer: int, k, v, s: Slots, counts: torch.Tensor):
+        """Append, then return all keys/values of the layer with their slots."""
+        L = self.layers[layer]
+        L.append(k, v, s, counts)
+        return L.view()
+
+    def is_empty(self, layer: int) -> bool:
+        return self.layers[layer].k is None
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def layer_bytes(self, allocated: bool = False) -> list[int]:
+        """Bytes of K+V per layer: stored tokens, or with `allocated` the reserved buffers."""
+        return [L.allocated_bytes() if allocated else L.used_bytes() for L in self.layers]
+
+    def total_bytes(self, allocated: bool = False) -> int:
+        return sum(self.layer_bytes(allocated))
+
+    def layer_lengths(self) -> list[list[int]]:
+        """Stored tokens per layer and per sequence."""
+        return [[] if L.length is None else L.length.tolist() for L in self.layers]
+
+
+def kv_cache_bytes(cache) -> dict:
+    """Bytes of a cache per layer and in total. Works for MoDCache and HF DynamicCache (dense reference)."""
+    if isinstance(cache, MoDCache):
+        per = cache.layer_bytes()
+        return {"per_layer": per, "total": sum(per), "allocated": cache.total_bytes(allocated=True)}
+    per = []
+    for layer in cache.layers:  # HF DynamicCache
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        per.append(0 if k is None else k.numel() * k.element_size() + v.numel() * v.element_size())
+    return {"per_layer": per, "total": sum(per), "allocated": sum(per)}

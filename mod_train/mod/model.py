@@ -1,0 +1,170 @@
+"""The MoD decoder stack, as a mixin over an HF `*ForCausalLM` class.
+
+`MoDMixin.forward` = `mod_embed` -> `mod_layer` for every layer -> `mod_head`; the three pieces are
+public so pipeline stages can run contiguous slices of the stack.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mod_train.config import MoDConfig
+from mod_train.mod import router as R
+from mod_train.mod.attention import Slots
+from mod_train.mod.cache import MoDCache
+from mod_train.mod.layer import StepMeta, dense_layer, routed_layer_fast, routed_layer_reference
+
+
+@dataclass
+class MoDCausalLMOutput(CausalLMOutputWithPast):
+    """HF causal-LM output plus MoD terms. `loss` = LM loss + `aux_loss`."""
+
+    aux_loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    routing: dict | None = None
+
+
+def docs_from_positions(pos: torch.Tensor) -> torch.Tensor | None:
+    """Packed rows mark documents by position ids restarting; returns doc ids or None (one document)."""
+    restart = torch.zeros_like(pos, dtype=torch.bool)
+    restart[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if not bool(restart.any()):
+        return None
+    return restart.long().cumsum(1)
+
+
+class MoDMixin:
+    """Adds MoD routing to an HF causal LM whose decoder layers are Llama-shaped."""
+
+    _mod_cfg_cache: tuple | None = None
+
+    # -- configuration -----------------------------------------------------------------------------
+    @property
+    def mod_config(self) -> MoDConfig:
+        raw = self.config.mod or {}
+        key = repr(sorted(raw.items()))
+        if self._mod_cfg_cache is None or self._mod_cfg_cache[0] != key:
+            self._mod_cfg_cache = (key, MoDConfig.from_dict(raw))
+        return self._mod_cfg_cache[1]
+
+    def set_mod_config(self, cfg: MoDConfig) -> None:
+        cfg.validate(self.config.num_hidden_layers)
+        if cfg.routed_layers(self.config.num_hidden_layers) != self.routed_layers:
+            raise ValueError("changing the routed layers of a built model is not supported; call modify() "
+                             "on the dense model instead")
+        self.config.mod = cfg.to_dict()
+
+    @property
+    def routed_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.model.layers) if hasattr(layer, "router")]
+
+    def _init_weights(self, module):
+        if isinstance(module, R.Router):
+            module.reset(self.mod_config)
+        else:
+            super()._init_weights(module)
+
+    # -- the stack -------------------------------------------------------------------------------------
+    def mod_embed(self, input_ids=None, attention_mask=None, position_ids=None, doc_ids=None, inputs_embeds=None,
+                  cache=None) -> tuple[torch.Tensor, StepMeta]:
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = h.shape[:2]
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("MoD models take a 2-D attention_mask [batch, seq] (1 = token, 0 = padding)")
+            am = attention_mask.bool()
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
+            am = am[:, -S:]
+            valid = None if bool(am.all()) else am
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + S, device=h.device)[None].expand(B, S)
+        position_ids = position_ids.expand(B, S)
+        if doc_ids is not None:
+            doc = doc_ids if bool((doc_ids != doc_ids[:, :1]).any()) else None
+        else:
+            doc = docs_from_positions(position_ids) if cache is None else None
+        if doc is not None and cache is not None:
+            raise ValueError("packed documents (doc_ids or restarting position_ids) cannot be used with a KV cache")
+        cos, sin = self.model.rotary_emb(h, position_ids)
+        return h, StepMeta(Slots(position_ids, doc, valid), cos, sin, cache)
+
+    def _causal_routing(self, meta: StepMeta) -> bool:
+        cfg = self.mod_config
+        return cfg.routing == "threshold" or meta.cache is not None or (not self.training and cfg.topk_causal_eval)
+
+    def mod_layer(self, i: int, h: torch.Tensor, meta: StepMeta) -> tuple[torch.Tensor, R.RouteTerms | None]:
+        """Run decoder layer i. Routing decisions are made here, outside activation checkpointing, so a
+        recomputation reuses exactly the same selection."""
+        layer = self.model.layers[i]
+        ckpt = getattr(self.model, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
+        if not hasattr(layer, "router"):
+            if ckpt:
+                return checkpoint(dense_layer, layer, i, h, meta, self.config, use_reentrant=False), None
+            return dense_layer(layer, i, h, meta, self.config), None
+        cfg = self.mod_config
+        z = layer.router(layer.input_layernorm(h) if cfg.router_input == "norm" else h)
+        causal = self._causal_routing(meta)
+        sel = R.select(z, meta.slots.valid, cfg, i, causal)
+        w = R.block_weight(z, cfg)
+        fn = routed_layer_reference if cfg.impl == "reference" else routed_layer_fast
+        args = (layer, i, h, meta, sel, w, cfg.gate_mode, self.config)
+        h = checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+        p = cfg.threshold_for(i) if cfg.routing == "threshold" else 0.5
+        return h, R.RouteTerms(i, z, sel, meta.slots.valid, p)
+
+    def mod_head(self, h: torch.Tensor, labels=None, meta: StepMeta | None = None, logits_to_keep=0):
+        """Final norm + LM head; LM loss where labels are given. Padding and the first token of each
+        packed document are never predicted (no loss across a document boundary)."""
+        h = self.model.norm(h)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            if meta is not None:
+                labels = labels.clone()
+                if meta.slots.valid is not None:
+                    labels[~meta.slots.valid] = -100
+                if meta.slots.doc is not None:
+                    labels[:, 1:][meta.slots.doc[:, 1:] != meta.slots.doc[:, :-1]] = -100
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return logits, loss
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, doc_ids=None, past_key_values=None,
+                **kwargs) -> MoDCausalLMOutput:
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, MoDCache):
+            raise TypeError(f"MoD models need a MoDCache (got {type(cache).__name__}); let generate() create "
+                            "it or pass mod_train.MoDCache(model.config.num_hidden_layers)")
+        if use_cache and cache is None:
+            cache = MoDCache(self.config.num_hidden_layers)
+        h, meta = self.mod_embed(input_ids, attention_mask, position_ids, doc_ids, inputs_embeds, cache)
+        terms = []
+        for i in range(self.config.num_hidden_layers):
+            h, t = self.mod_layer(i, h, meta)
+            if t is not None:
+                terms.append(t)
+        if cache is not None:
+            cache.seen += h.shape[1]
+        logits, lm_loss = self.mod_head(h, labels, meta, logits_to_keep)
+        cfg = self.mod_config
+        aux = R.aux_loss(terms, cfg, training_topk=not self._causal_routing(meta)).to(h.device)
+        loss = None if lm_loss is None else lm_loss + aux.to(lm_loss.dtype)
+        return MoDCausalLMOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux, lm_loss=lm_loss,
+                                 routing=R.routing_stats(terms))
+
+    # -- generation ----------------------------------------------------------------------------------
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("cache") is not None:
+            model_kwargs["cache"]._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["cache"] = MoDCache(self.config.num_hidden_layers)

@@ -1,0 +1,119 @@
+"""The MoD math in one place: the gate, token selection, the auxiliary losses and routing statistics.
+
+Threshold-p (MoDification): g = sigmoid(w.h + b) in fp32; a token runs the layer iff g >= p. Causal,
+so training, prefill and decode use the same rule.
+
+Top-k (classic MoD baseline): per sequence the top ceil(capacity * n_valid) tokens by router logit run
+the layer (non-causal). A BCE loss trains sigmoid(r) > 0.5 to predict membership; that predictor makes
+the causal decision at evaluation and decode time (MoDConfig.topk_causal_eval).
+
+Auxiliary losses over the routed layers j (F_j: executed fraction of valid tokens, no gradient;
+G_j: mean gate over valid tokens):
+  layer load (paper):   R = alpha * sum_j F_j * G_j
+  target rate (ours):   R = beta * sum_j (F_j - t) * S_j,  S_j = mean sigmoid(z - logit(p_j))
+    The coefficient (F_j - t) is the realised rate error: it pushes gates down when a layer runs more
+    tokens than the target and up when it runs fewer, and vanishes at the target, so no alpha has to
+    be guessed. S_j is a smooth proxy of the rate centred on the layer's threshold (S_j = G_j at
+    p = 0.5), so the term moves the tokens near the decision boundary.
+  top-k BCE:            w_bce * BCE(sigmoid(z), selected)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mod_train.config import MoDConfig
+
+
+class Router(nn.Module):
+    """Linear(d, 1) with bias, evaluated in fp32 whatever the model dtype (so selections made in
+    bf16 training are reproducible, e.g. in activation-checkpoint recomputation)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, S, d] -> router logits z [B, S] in fp32."""
+        return F.linear(h.float(), self.weight.float(), self.bias.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def reset(self, cfg: MoDConfig) -> None:
+        self.weight.zero_()
+        self.bias.fill_(cfg.init_logit())
+
+
+@dataclass
+class RouteTerms:
+    """What one routed layer contributes to the loss and the statistics."""
+
+    layer: int
+    logits: torch.Tensor  # z [B, S], fp32, with gradient
+    selected: torch.Tensor  # bool [B, S]
+    valid: torch.Tensor | None  # bool [B, S] or None (all valid)
+    threshold: float
+
+
+def select(z: torch.Tensor, valid: torch.Tensor | None, cfg: MoDConfig, layer: int, causal: bool) -> torch.Tensor:
+    """Which tokens run routed layer `layer`: bool [B, S]. Padding is never selected."""
+    if cfg.routing == "threshold" or causal:
+        p = cfg.threshold_for(layer) if cfg.routing == "threshold" else 0.5
+        sel = torch.sigmoid(z) >= p
+    else:
+        sel = _topk(z, valid, cfg.capacity)
+    return sel if valid is None else sel & valid
+
+
+def _topk(z: torch.Tensor, valid: torch.Tensor | None, capacity: float) -> torch.Tensor:
+    n_valid = z.new_full((z.shape[0],), z.shape[1]) if valid is None else valid.sum(1).to(z.dtype)
+    k = torch.ceil(capacity * n_valid).long()
+    scores = z.detach() if valid is None else z.detach().masked_fill(~valid, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(z.shape[1], device=z.device).expand_as(order))
+    return rank < k[:, None]
+
+
+def block_weight(z: torch.Tensor, cfg: MoDConfig) -> torch.Tensor:
+    """Multiplier of the routed outputs: the gate sigmoid(z), or the raw logit for paper-exact top-k."""
+    if cfg.routing == "topk" and cfg.topk_weight == "logit":
+        return z
+    return torch.sigmoid(z)
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return x.mean()
+    v = valid.to(x.dtype)
+    return (x * v).sum() / v.sum().clamp(min=1)
+
+
+def aux_loss(terms: list[RouteTerms], cfg: MoDConfig, training_topk: bool) -> torch.Tensor:
+    """Auxiliary loss of one forward (see module docstring). `training_topk`: selections were made by
+    top-k (not by the causal predictor), so the BCE term applies."""
+    if not terms:
+        return torch.zeros(())
+    total = terms[0].logits.new_zeros(())
+    for t in terms:
+        gate = torch.sigmoid(t.logits)
+        rate = _masked_mean(t.selected.float(), t.valid).detach()
+        if cfg.routing == "topk":
+            if training_topk and cfg.topk_bce_weight > 0:
+                bce = F.binary_cross_entropy_with_logits(t.logits, t.selected.float(), reduction="none")
+                total = total + cfg.topk_bce_weight * _masked_mean(bce, t.valid)
+        elif cfg.target_rate is not None:
+            soft = torch.sigmoid(t.logits - math.log(t.threshold / (1 - t.threshold)))
+            total = total + cfg.target_weight * (rate - cfg.target_rate) * _masked_mean(soft, t.valid)
+        elif cfg.alpha > 0:
+            total = total + cfg.alpha * rate * _masked_mean(gate, t.valid)
+    return total
+
+
+def routing_stats(terms: list[RouteTerms]) -> dict[int, dict[str, torch.Tensor]]:
+    """Per routed layer: realised execution rate F_j and mean gate G_j over valid tokens (detached)."""
+    return {t.layer: {"rate": _masked_mean(t.selected.float(), t.valid).detach(),
+                      "gate": _masked_mean(torch.sigmoid(t.logits), t.valid).detach()} for t in terms}

@@ -1,0 +1,84 @@
+"""What the trainer needs from a data stream, a synthetic stream, and batching.
+
+A stream is an iterator of packed rows (dicts of equal-length 1-D int tensors/lists: input_ids,
+position_ids, doc_ids, labels, optionally source_ids) with `state_dict()`/`load_state_dict()` so
+that a restart resumes at the exact row. Each data-parallel rank reads its own shard; ranks of one
+tensor-parallel group read the same shard.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class SyntheticStream:
+    """Deterministic packed rows of random tokens (tests, benchmarks). Row i depends only on
+    (seed, i), so sharding is `i % dp_world == dp_rank` and resuming is storing the next index."""
+
+    def __init__(self, seq_len: int, vocab_size: int, seed: int = 0, dp_rank: int = 0, dp_world_size: int = 1,
+                 mean_doc_len: int = 0, num_sources: int = 2):
+        self.seq_len, self.vocab, self.seed = seq_len, vocab_size, seed
+        self.dp_rank, self.dp_world = dp_rank, dp_world_size
+        self.mean_doc_len = mean_doc_len or max(8, seq_len // 3)
+        self.num_sources = num_sources
+        self.index = dp_rank  # next global row index for this rank
+
+    def __iter__(self):
+        return self
+
+    def row(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        # learnable structure: a token mostly follows its predecessor + 1 (mod a small range)
+        ids = torch.empty(self.seq_len, dtype=torch.long)
+        ids[0] = torch.randint(0, self.vocab, (1,), generator=g)
+        noise = torch.randint(0, self.vocab, (self.seq_len,), generator=g)
+        keep = torch.rand(self.seq_len, generator=g) < 0.7
+        for t in range(1, self.seq_len):
+            ids[t] = (ids[t - 1] + 1) % self.vocab if keep[t] else noise[t]
+        pos = torch.empty_like(ids)
+        doc = torch.empty_like(ids)
+        src = torch.empty_like(ids)
+        t, d = 0, 0
+        while t < self.seq_len:
+            n = int(torch.randint(self.mean_doc_len // 2, self.mean_doc_len * 3 // 2 + 1, (1,), generator=g))
+            n = max(1, min(n, self.seq_len - t))
+            pos[t:t + n] = torch.arange(n)
+            doc[t:t + n] = d
+            src[t:t + n] = int(torch.randint(0, self.num_sources, (1,), generator=g))
+            t, d = t + n, d + 1
+        labels = ids.clone()
+        labels[pos == 0] = -100  # no prediction across a document boundary
+        return {"input_ids": ids, "position_ids": pos, "doc_ids": doc, "labels": labels, "source_ids": src}
+
+    def __next__(self) -> dict:
+        r = self.row(self.index)
+        self.index += self.dp_world
+        return r
+
+    def state_dict(self) -> dict:
+        return {"index": self.index, "dp_rank": self.dp_rank, "dp_world": self.dp_world}
+
+    def load_state_dict(self, st: dict) -> None:
+        if st.get("dp_world", self.dp_world) != self.dp_world:
+            raise ValueError(f"data state was saved with {st['dp_world']} data-parallel ranks, this run has {self.dp_world}")
+        self.index = st["index"]
+
+
+def collate(rows: list[dict]) -> dict:
+    out = {}
+    for k in rows[0]:
+        if k in ("input_ids", "position_ids", "doc_ids", "labels", "source_ids"):
+            out[k] = torch.stack([torch.as_tensor(r[k], dtype=torch.long) for r in rows])
+    return out
+
+
+def build_stream(recipe: str, *, seq_len: int, seed: int, dp_rank: int, dp_world_size: int, tokenizer=None,
+                 vocab_size: int | None = None):
+    """A stream for `recipe`: 'synthetic' (random tokens) or a data recipe YAML (mod_train.data)."""
+    if recipe == "synthetic" or recipe.startswith("synthetic:"):
+        opts = dict(kv.split("=") for kv in recipe.split(":", 1)[1].split(",")) if ":" in recipe else {}
+        return SyntheticStream(seq_len, int(opts.get("vocab", vocab_size)), seed=int(opts.get("seed", seed)),
+                               dp_rank=dp_rank, dp_world_size=dp_world_size,
+                               mean_doc_len=int(opts.get("doc", 0)))
+    from mod_train import data as mdata  # the data package (recipe -> packed, resumable stream)
+    return mdata.build_stream(recipe, seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
+                              tokenizer=tokenizer)
