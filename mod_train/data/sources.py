@@ -1,0 +1,185 @@
+"""Raw document readers: one source -> (position, entry) for a given epoch, streamed through `datasets`.
+
+Positions count the source's raw records in the epoch's *shuffled* order (0, 1, 2, ...). The order is
+a pure function of (seed, stage, source, epoch): file order is permuted per epoch, then records are
+permuted inside consecutive blocks of `shuffle_block` records. Starting at any position therefore
+means skipping whole blocks of raw records, which is cheap (no JSON parsing, no tokenising; for
+`text` sources whole files are skipped without being opened, for `parquet` whole files by their
+row-count metadata), then permuting one block.
+
+Entries are parsed lazily (`Entry.parse`) so records that belong to other data-parallel ranks are
+never decoded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from mod_train.data.recipe import DataError, Recipe, SourceConfig, source_files
+
+
+def stable_hash(*parts) -> int:
+    """A 64-bit hash that is the same on every machine and run (unlike Python's hash())."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+def unit_hash(*parts) -> float:
+    """A uniform number in [0, 1) determined by `parts`."""
+    return stable_hash(*parts) / 2.0**64
+
+
+@dataclass
+class Entry:
+    """One raw record, not yet decoded."""
+
+    raw: object  # a JSON line (str) or a record (dict) or the text of a file
+    where: str   # file:line or file or hub id:index, for messages
+    kind: str    # "jsonl" | "record" | "text"
+    title: Optional[str] = None
+    file: str = ""  # the file (or hub id) the record came from, for the bad-line fraction
+
+
+class BadRecord(Exception):
+    pass
+
+
+def parse(entry: Entry, src: SourceConfig) -> tuple[str, str]:
+    """-> (title, text); raises BadRecord for malformed JSON or a record without a usable text field."""
+    if entry.kind == "text":
+        return entry.title or entry.where, entry.raw
+    rec = entry.raw
+    if entry.kind == "jsonl":
+        try:
+            rec = json.loads(rec)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    text = rec.get(src.text_field)
+    if not isinstance(text, str):
+        raise BadRecord(f"no string field '{src.text_field}' (fields: {sorted(rec)[:10]})")
+    title = rec.get(src.title_field) if src.title_field else None
+    return (str(title) if title is not None else entry.where), text
+
+
+def _quiet_datasets():
+    import datasets
+    datasets.logging.set_verbosity_error()
+    datasets.logging.disable_progress_bar()
+
+
+class RawSource:
+    """Streams one source's raw entries for (epoch, start position)."""
+
+    def __init__(self, recipe: Recipe, index: int, salt: object = 0):
+        self.recipe, self.index, self.src = recipe, index, recipe.sources[index]
+        self.salt = salt
+        base = None
+        if recipe.path:
+            from pathlib import Path
+            base = Path(recipe.path).resolve().parent
+        self.files = [] if self.src.type == "hub" else source_files(self.src, base)
+        self._parquet_rows: dict[str, int] = {}
+
+    # -- order ---------------------------------------------------------------------------------
+    def _rng(self, *parts) -> random.Random:
+        return random.Random(stable_hash(self.recipe.seed, self.salt, self.src.name, *parts))
+
+    def file_order(self, epoch: int, shuffle: bool = True) -> list[str]:
+        files = list(self.files)
+        if shuffle and len(files) > 1 and self.src.shuffle_block > 1:
+            self._rng("files", epoch).shuffle(files)
+        return files
+
+    # -- raw record streams (file order, no block shuffle) -----------------------------------------
+    def _records(self, files: list[str], skip: int) -> Iterator[Entry]:
+        """Entries in file order, starting after `skip` raw records."""
+        _quiet_datasets()
+        from datasets import load_dataset
+
+        t = self.src.type
+        if t == "text":
+            files = files[skip:]
+            if not files:
+                return
+            ds = load_dataset("text", data_files=files, sample_by="document", streaming=True, split="train")
+            for f, row in zip(files, ds):
+                yield Entry(row["text"], f, "text", title=_file_title(f), file=f)
+        elif t == "jsonl":
+            for f in files:
+                ds = load_dataset("text", data_files=[f], streaming=True, split="train")
+                lineno = 0
+                for batch in ds.iter(batch_size=512):
+                    for line in batch["text"]:
+                        lineno += 1
+                        if not line.strip():
+                            continue
+                        if skip:
+                            skip -= 1
+                            continue
+                        yield Entry(line, f"{f}:{lineno}", "jsonl", file=f)
+        elif t == "parquet":
+            import pyarrow.parquet as pq
+            while files and skip:
+                n = self._parquet_rows.get(files[0])
+                if n is None:
+                    n = self._parquet_rows[files[0]] = pq.ParquetFile(files[0]).metadata.num_rows
+                if n > skip:
+                    break
+                skip -= n
+                files = files[1:]
+            for f in files:
+                ds = load_dataset("parquet", data_files=[f], streaming=True, split="train")
+                if skip:
+                    ds, i0, skip = ds.skip(skip), skip, 0
+                else:
+                    i0 = 0
+                for i, rec in enumerate(ds, start=i0):
+                    yield Entry(rec, f"{f}:row {i}", "record", file=f)
+        elif t == "hub":  # online users only; the same code path as local files otherwise
+            ds = load_dataset(self.src.hub_id, self.src.hub_config, split=self.src.hub_split, streaming=True)
+            if skip:
+                ds = ds.skip(skip)
+            for i, rec in enumerate(ds, start=skip):
+                yield Entry(rec, f"{self.src.hub_id}:{i}", "record", file=self.src.hub_id)
+        else:  # pragma: no cover - validated earlier
+            raise DataError(f"source '{self.src.name}': unknown type {t}")
+
+    # -- shuffled stream -----------------------------------------------------------------------
+    def iter_epoch(self, epoch: int, start: int = 0, shuffle: bool = True) -> Iterator[tuple[int, Entry]]:
+        """(position, entry) in the epoch's shuffled order, from position `start`."""
+        block = self.src.shuffle_block if shuffle else 0
+        if block <= 1:
+            for i, e in enumerate(self._records(self.file_order(epoch, shuffle), start), start=start):
+                yield i, e
+            return
+        b0 = start // block
+        records = self._records(self.file_order(epoch, shuffle), b0 * block)
+        b = b0
+        while True:
+            chunk = []
+            for e in records:
+                chunk.append(e)
+                if len(chunk) == block:
+                    break
+            if not chunk:
+                return
+            perm = list(range(len(chunk)))
+            self._rng("block", epoch, b).shuffle(perm)
+            base = b * block
+            for j, k in enumerate(perm):
+                if base + j >= start:
+                    yield base + j, chunk[k]
+            if len(chunk) < block:
+                return
+            b += 1
+
+
+def _file_title(path: str) -> str:
+    import os
+    return os.path.splitext(os.path.basename(path))[0]
