@@ -1,0 +1,354 @@
+"""The training loop on a DeepSpeed engine: build, resume, step, log, checkpoint, stop on signals.
+
+    result = train(RunSpec(model="path/or/id", recipe="data_recipes/x.yaml", out="runs/x",
+                           ds="ds_configs/zero3.json"), TrainConfig(...), MoDConfig(...))
+
+Losses: the model returns LM + auxiliary loss; `engine.backward` divides it by the accumulation
+steps, so both terms are scaled identically under gradient accumulation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mod_train.parallel import dist as pdist
+from mod_train.parallel import dsconfig
+from mod_train.train import checkpoint as ckpt
+from mod_train.train.config import TrainConfig
+from mod_train.train.data import build_stream, collate
+from mod_train.train.logger import MetricsLogger
+
+MAX_SOURCES = 16
+
+
+@dataclass
+class RunSpec:
+    model: str
+    """HF directory or hub id of the dense model to convert."""
+    out: str
+    """Output directory: checkpoints/, metrics.jsonl, wandb/."""
+    ds: str | dict = "ds_configs/zero1.json"
+    """DeepSpeed config (path or dict); "auto" values are filled from TrainConfig."""
+    recipe: str = "synthetic"
+    """Data recipe YAML, or 'synthetic' for random tokens."""
+    dense: bool = False
+    """Train the unmodified dense model (baseline) instead of the MoD model."""
+    tokenizer: str | None = None
+    """Tokenizer location if not the model directory."""
+
+
+# -- optimisation pieces ---------------------------------------------------------------------------
+
+def set_trainable(model, tc: TrainConfig) -> tuple[int, int]:
+    n_train = n_all = 0
+    for n, p in model.named_parameters():
+        if tc.trainable == "full":
+            p.requires_grad_(True)
+        elif tc.trainable == "routers":
+            p.requires_grad_("router" in n)
+        else:
+            p.requires_grad_("router" in n or any(s in n for s in tc.train_modules))
+        k = getattr(p, "ds_numel", p.numel())
+        n_all += k
+        n_train += k if p.requires_grad else 0
+    if n_train == 0:
+        raise ValueError(f"trainable={tc.trainable!r} selects no parameter (does the model have routers?)")
+    return n_train, n_all
+
+
+def param_groups(model, tc: TrainConfig) -> list[dict]:
+    from mod_train.parallel.zero3 import full_shape
+    router, decay, no_decay = [], [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "router" in n:
+            router.append(p)
+        elif len(full_shape(p)) >= 2 and "norm" not in n:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay, "lr": tc.lr, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": tc.lr, "name": "no_decay"},
+        {"params": router, "weight_decay": 0.0, "lr": tc.router_lr or tc.lr, "name": "router"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(tc: TrainConfig):
+    def f(step: int) -> float:  # step = optimizer steps completed
+        if step < tc.warmup_steps:
+            return (step + 1) / (tc.warmup_steps + 1)
+        span = max(1, tc.max_steps - tc.warmup_steps)
+        prog = min(1.0, (step - tc.warmup_steps) / span)
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+    return f
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 (SLURM preemption, scancel) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self) -> int:
+        """Collective: the signal number if any rank got one (ranks receive it at different times)."""
+        import torch.distributed as dist
+        t = torch.tensor([self.signum], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, spec: RunSpec, tc: TrainConfig, mod_cfg=None):
+        tc.validate()
+        self.spec, self.tc = spec, tc
+        self.mod_cfg = None if spec.dense else mod_cfg
+        if not spec.dense and mod_cfg is None:
+            from mod_train import MoDConfig
+            self.mod_cfg = MoDConfig()
+        self.out = Path(spec.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.rank, self.world, self.local_rank = pdist.init()
+        self.stop = StopFlag()
+
+    # ---- setup ----
+    def setup(self):
+        import deepspeed
+        from transformers import AutoConfig
+        from mod_train.parallel.zero3 import build_model
+
+        tc = self.tc
+        self._seed(tc.seed)
+        hf_cfg = AutoConfig.from_pretrained(self.spec.model)
+        self.hf_cfg = hf_cfg
+        ds = dsconfig.fill(dsconfig.load(self.spec.ds), tc, self.world, hidden_size=hf_cfg.hidden_size)
+        self.ds = ds
+        self.tp, self.pp = dsconfig.tp_size(ds), dsconfig.pp_stages(ds)
+        self.dp = self.world // (self.tp * self.pp)
+        if self.pp > 1:
+            from mod_train.parallel.pipeline import build_pipeline_engine
+            self.engine, self.model = build_pipeline_engine(self, ds)
+        else:
+            model, self._keep = build_model(self.spec.model, self.mod_cfg, ds, dtype=torch.float32)
+            self.n_trainable, self.n_params = set_trainable(model, tc)
+            if tc.grad_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.config.use_cache = False
+            groups = param_groups(model, tc)
+            sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))  # noqa: E731
+            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                        lr_scheduler=sched, config=dsconfig.for_engine(ds))
+            self.model = self.engine.module
+            fwd = inspect.signature(type(self.model).forward).parameters
+            self.accepts_doc_ids = "doc_ids" in fwd
+        # data: ranks of one TP group (consecutive global ranks) read the same shard
+        self.dp_rank = self.rank // self.tp if self.pp == 1 else self._pipe_dp_rank()
+        tok = self.spec.tokenizer or self.spec.model
+        self.stream = build_stream(self.spec.recipe, seq_len=tc.seq_len, seed=tc.seed, dp_rank=self.dp_rank,
+                                   dp_world_size=self.dp, tokenizer=tok, vocab_size=hf_cfg.vocab_size)
+        self.step = 0
+        self.tokens = 0
+
+    def _pipe_dp_rank(self):
+        return self.engine.grid.get_data_parallel_id()
+
+    def _seed(self, seed):
+        import random
+        import numpy as np
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def fingerprint(self) -> dict:
+        c = self.hf_cfg
+        arch = {k: getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
+                                                "num_attention_heads", "num_key_value_heads", "intermediate_size")}
+        tc = self.tc
+        return {
+            "model": arch,
+            "mod": None if self.mod_cfg is None else self.mod_cfg.to_dict(),
+            "trainable": {"mode": tc.trainable, "modules": sorted(tc.train_modules)},
+            "precision": tc.precision,
+            "zero_stage": dsconfig.zero_stage(self.ds),
+            "tensor_parallel": self.tp,
+            "pipeline_stages": self.pp,
+            "world_size": self.world,
+            "seq_len": tc.seq_len,
+            "global_batch": tc.micro_batch_size * tc.grad_accum * self.dp,
+            "recipe": self.spec.recipe,
+        }
+
+    # ---- checkpoint ----
+    def save(self):
+        extra = None
+        if self.tp > 1:
+            def extra(ckdir):  # zero_to_fp32 cannot read TP checkpoints: keep a consolidated copy
+                sd = self.engine._consolidated_16bit_state_dict()
+                if self.rank == 0:
+                    torch.save(sd, ckdir / "consolidated_16bit.pt")
+        meta = {"step": self.step, "tokens": self.tokens, "fingerprint": self.fingerprint(),
+                "train": self.tc.to_dict(), "mod": self.fingerprint()["mod"], "model_path": str(self.spec.model),
+                "tokenizer": str(self.spec.tokenizer or self.spec.model), "dense": self.spec.dense,
+                "ds": self.ds, "time": time.time()}
+        state = {"step": self.step, "tokens": self.tokens, "data": self.stream.state_dict(), "rng": ckpt.rng_state()}
+        path = ckpt.save(self.engine, self.ckpt_root, self.step, rank=self.rank, trainer_state=state, meta=meta,
+                         keep_last=self.tc.keep_last, extra_rank0=extra)
+        self.logger.event("checkpoint", step=self.step, path=str(path))
+        return path
+
+    def maybe_resume(self):
+        tag = ckpt.find_resume(self.ckpt_root)
+        if tag is None:
+            return None
+        d = self.ckpt_root / tag
+        meta = ckpt.load_meta(d)
+        diffs = ckpt.compare_fingerprints(meta["fingerprint"], self.fingerprint())
+        if diffs:
+            raise ckpt.IncompatibleCheckpoint(
+                f"refusing to resume from {d}: it was written by an incompatible configuration:\n  - "
+                + "\n  - ".join(diffs) + f"\nUse a new --out directory, or restore the settings above.")
+        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {d}")
+        st = torch.load(d / f"trainer_rank{self.rank}.pt", weights_only=False)
+        self.step, self.tokens = st["step"], st["tokens"]
+        self.stream.load_state_dict(st["data"])
+        ckpt.set_rng_state(st["rng"])
+        return tag
+
+    # ---- one optimizer step ----
+    def _forward(self, batch):
+        kw = {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"]}
+        if self.accepts_doc_ids and "doc_ids" in batch:
+            kw["doc_ids"] = batch["doc_ids"]
+        dev = self.engine.device
+        kw = {k: v.to(dev) for k, v in kw.items()}
+        return self.engine(**kw)
+
+    def train_step(self, want_metrics: bool) -> dict:
+        tc = self.tc
+        lm_sum = torch.zeros(()); aux_sum = torch.zeros(())
+        rates, gates = {}, {}
+        src_loss = torch.zeros(MAX_SOURCES, dtype=torch.float64); src_cnt = torch.zeros(MAX_SOURCES, dtype=torch.float64)
+        for _ in range(tc.grad_accum):
+            batch = collate([next(self.stream) for _ in range(tc.micro_batch_size)])
+            out = self._forward(batch)
+            loss = out.loss
+            aux = getattr(out, "aux_loss", None)
+            aux = aux.detach().float() if isinstance(aux, torch.Tensor) else torch.zeros(())
+            self.engine.backward(loss)
+            self.engine.step()
+            lm_sum += loss.detach().float().cpu() - aux.cpu()
+            aux_sum += aux.cpu()
+            for j, r in (getattr(out, "routing", None) or {}).items():
+                rates[j] = rates.get(j, 0.0) + float(r["rate"])
+                gates[j] = gates.get(j, 0.0) + float(torch.as_tensor(r["gate"]).float().mean())
+            if want_metrics and tc.per_source_loss and "source_ids" in batch and getattr(out, "logits", None) is not None:
+                with torch.no_grad():
+                    logits = out.logits[:, :-1].float()
+                    tgt = batch["labels"][:, 1:].to(logits.device)
+                    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                                            ignore_index=-100, reduction="none").cpu().double()
+                    src = batch["source_ids"][:, 1:].reshape(-1).clamp(0, MAX_SOURCES - 1)
+                    valid = (tgt.reshape(-1).cpu() != -100).double()
+                    src_loss.index_add_(0, src, tok * valid)
+                    src_cnt.index_add_(0, src, valid)
+        layers = sorted(rates)
+        vec = torch.cat([torch.stack([lm_sum, aux_sum]).double(),
+                         torch.tensor([rates[j] for j in layers] + [gates[j] for j in layers], dtype=torch.float64),
+                         src_loss, src_cnt])
+        import torch.distributed as dist
+        dist.all_reduce(vec)
+        n = self.world * tc.grad_accum
+        m = {"loss/lm": vec[0].item() / n, "loss/aux": vec[1].item() / n}
+        L = len(layers)
+        for i, j in enumerate(layers):
+            m[f"routing/rate_l{j}"] = vec[2 + i].item() / n
+            m[f"routing/gate_l{j}"] = vec[2 + L + i].item() / n
+        if L:
+            m["routing/rate_mean"] = sum(m[f"routing/rate_l{j}"] for j in layers) / L
+        sl, sc = vec[2 + 2 * L:2 + 2 * L + MAX_SOURCES], vec[2 + 2 * L + MAX_SOURCES:]
+        for s in range(MAX_SOURCES):
+            if sc[s] > 0:
+                m[f"loss/source_{s}"] = (sl[s] / sc[s]).item()
+        return m
+
+    # ---- main loop ----
+    def run(self) -> dict:
+        tc = self.tc
+        self.setup()
+        self.logger = MetricsLogger(self.out, tc, rank=self.rank, start_step=0,
+                                    config={"train": tc.to_dict(), "fingerprint": self.fingerprint()})
+        resumed = self.maybe_resume()
+        if resumed:
+            self.logger.event("resumed", tag=resumed, step=self.step)
+            if self.rank == 0:
+                print(f"[mod_train] resumed from {self.ckpt_root / resumed} at step {self.step}", flush=True)
+            self.logger.advance(self.step)
+        tokens_per_step = tc.micro_batch_size * tc.grad_accum * self.dp * tc.seq_len
+        status, steps_here = "completed", 0
+        while self.step < tc.max_steps:
+            t0 = time.perf_counter()
+            want = (self.step + 1) % tc.log_every == 0
+            if self.pp > 1:
+                from mod_train.parallel.pipeline import pipeline_step
+                m = pipeline_step(self)
+            else:
+                m = self.train_step(want)
+            dt = time.perf_counter() - t0
+            self.step += 1
+            steps_here += 1
+            self.tokens += tokens_per_step
+            if want or self.step == tc.max_steps:
+                gn = self.engine.get_global_grad_norm()
+                m.update({"loss": m["loss/lm"] + m["loss/aux"], "lr": self.engine.get_lr()[0],
+                          "grad_norm": float(gn) if gn is not None else float("nan"),
+                          "tokens_per_s": tokens_per_step / dt, "step_time_s": dt, "tokens": self.tokens})
+                lrs = self.engine.get_lr()
+                if len(lrs) > 1:
+                    m["lr_router"] = lrs[-1]
+                self.logger.log(self.step, m)
+            self.logger.advance()
+            sig = self.stop.agreed()
+            if sig:
+                self.save()
+                self.logger.event("preempted", step=self.step, signal=sig)
+                status = "preempted"
+                break
+            if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
+                self.save()
+            if tc.exit_after_steps and steps_here >= tc.exit_after_steps:
+                status = "exited"
+                break
+        if status == "completed":
+            if not (self.ckpt_root / ckpt.tag_for(self.step)).is_dir() or ckpt.check_complete(
+                    self.ckpt_root / ckpt.tag_for(self.step)):
+                self.save()
+        self.logger.event(status, step=self.step)
+        self.logger.close()
+        return {"status": status, "step": self.step, "rank": self.rank}
+
+
+def train(spec: RunSpec, tc: TrainConfig, mod_cfg=None) -> dict:
+    return Trainer(spec, tc, mod_cfg).run()
