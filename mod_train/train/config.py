@@ -26,8 +26,8 @@ class TrainConfig:
     """Sequences per rank per forward/backward (DeepSpeed train_micro_batch_size_per_gpu)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (DeepSpeed gradient_accumulation_steps)."""
-    seq_len: int = 2048
-    """Packed sequence length in tokens."""
+    seq_len: int | None = None
+    """Packed sequence length; None: the recipe's (curriculum) stage lengths, 2048 for 'synthetic'."""
     lr: float = 3e-5
     """Peak learning rate of the base-model parameters (MoDification: 3e-5)."""
     router_lr: float | None = None
@@ -83,7 +83,7 @@ class TrainConfig:
         if self.trainable == "routers+modules" and not self.train_modules:
             bad("train_modules", "trainable='routers+modules' needs a non-empty list, e.g. ['mlp']")
         for name in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         if self.lr <= 0 or (self.router_lr is not None and self.router_lr <= 0):
             bad("lr", "learning rates must be > 0")

@@ -71,14 +71,56 @@ def collate(rows: list[dict]) -> dict:
     return out
 
 
-def build_stream(recipe: str, *, seq_len: int, seed: int, dp_rank: int, dp_world_size: int, tokenizer=None,
+class CurriculumStream:
+    """The recipe's length curriculum: stage after stage of mod_train.data.PackedStream rows; the
+    state holds the stage index and the current stage's exact position."""
+
+    def __init__(self, recipe, tokenizer, dp_rank, dp_world_size, seq_len=None):
+        self.recipe, self.tok, self.seq_len = recipe, tokenizer, seq_len
+        self.dp_rank, self.dp_world = dp_rank, dp_world_size
+        self.stage = 0
+        self._open()
+
+    def _open(self):
+        from mod_train.data import PackedStream
+        self.inner = PackedStream(self.recipe, tokenizer=self.tok, stage=self.stage, dp_rank=self.dp_rank,
+                                  dp_world_size=self.dp_world, seq_len=self.seq_len)
+        self.source_names = self.inner.source_names
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            try:
+                return next(self.inner)
+            except StopIteration:
+                if self.stage + 1 >= len(self.recipe.stages):
+                    raise
+                self.stage += 1
+                self._open()
+
+    def state_dict(self):
+        return {"stage": self.stage, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, st):
+        self.stage = st["stage"]
+        self._open()
+        self.inner.load_state_dict(st["inner"])
+
+
+def build_stream(recipe: str, *, seq_len: int | None, seed: int, dp_rank: int, dp_world_size: int,
                  vocab_size: int | None = None):
-    """A stream for `recipe`: 'synthetic' (random tokens) or a data recipe YAML (mod_train.data)."""
+    """A stream for `recipe`: 'synthetic[:vocab=V,doc=D]' (random tokens) or a data recipe YAML
+    (mod_train.data; the recipe names its tokenizer). `seq_len` overrides the recipe's stage lengths."""
     if recipe == "synthetic" or recipe.startswith("synthetic:"):
         opts = dict(kv.split("=") for kv in recipe.split(":", 1)[1].split(",")) if ":" in recipe else {}
-        return SyntheticStream(seq_len, int(opts.get("vocab", vocab_size)), seed=int(opts.get("seed", seed)),
-                               dp_rank=dp_rank, dp_world_size=dp_world_size,
-                               mean_doc_len=int(opts.get("doc", 0)))
-    from mod_train import data as mdata  # the data package (recipe -> packed, resumable stream)
-    return mdata.build_stream(recipe, seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
-                              tokenizer=tokenizer)
+        return SyntheticStream(seq_len or 2048, int(opts.get("vocab", vocab_size)), seed=int(opts.get("seed", seed)),
+                               dp_rank=dp_rank, dp_world_size=dp_world_size, mean_doc_len=int(opts.get("doc", 0)))
+    from mod_train.data import load_recipe, load_tokenizer
+    rec = load_recipe(recipe)
+    tok = load_tokenizer(rec)
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise ValueError(f"the recipe's tokenizer ({rec.tokenizer}) has {len(tok)} tokens but the model's vocabulary "
+                         f"has {vocab_size}: use the model's own tokenizer in the recipe")
+    return CurriculumStream(rec, tok, dp_rank, dp_world_size, seq_len=seq_len)

@@ -163,9 +163,8 @@ class Trainer:
             self.accepts_doc_ids = "doc_ids" in fwd
         # data: ranks of one TP group (consecutive global ranks) read the same shard
         self.dp_rank = self.rank // self.tp if self.pp == 1 else self._pipe_dp_rank()
-        tok = self.spec.tokenizer or self.spec.model
         self.stream = build_stream(self.spec.recipe, seq_len=tc.seq_len, seed=tc.seed, dp_rank=self.dp_rank,
-                                   dp_world_size=self.dp, tokenizer=tok, vocab_size=hf_cfg.vocab_size)
+                                   dp_world_size=self.dp, vocab_size=hf_cfg.vocab_size)
         self.step = 0
         self.tokens = 0
 
@@ -253,6 +252,7 @@ class Trainer:
         src_loss = torch.zeros(MAX_SOURCES, dtype=torch.float64); src_cnt = torch.zeros(MAX_SOURCES, dtype=torch.float64)
         for _ in range(tc.grad_accum):
             batch = collate([next(self.stream) for _ in range(tc.micro_batch_size)])
+            self._last_seq_len = batch["input_ids"].shape[1]
             out = self._forward(batch)
             loss = out.loss
             aux = getattr(out, "aux_loss", None)
@@ -270,8 +270,9 @@ class Trainer:
                     tgt = batch["labels"][:, 1:].to(logits.device)
                     tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
                                                             ignore_index=-100, reduction="none").cpu().double()
-                    src = batch["source_ids"][:, 1:].reshape(-1).clamp(0, MAX_SOURCES - 1)
-                    valid = (tgt.reshape(-1).cpu() != -100).double()
+                    src = batch["source_ids"][:, 1:].reshape(-1)
+                    valid = ((tgt.reshape(-1).cpu() != -100) & (src >= 0) & (src < MAX_SOURCES)).double()
+                    src = src.clamp(0, MAX_SOURCES - 1)
                     src_loss.index_add_(0, src, tok * valid)
                     src_cnt.index_add_(0, src, valid)
         layers = sorted(rates)
@@ -289,9 +290,10 @@ class Trainer:
         if L:
             m["routing/rate_mean"] = sum(m[f"routing/rate_l{j}"] for j in layers) / L
         sl, sc = vec[2 + 2 * L:2 + 2 * L + MAX_SOURCES], vec[2 + 2 * L + MAX_SOURCES:]
+        names = list(getattr(self.stream, "source_names", []) or [])
         for s in range(MAX_SOURCES):
             if sc[s] > 0:
-                m[f"loss/source_{s}"] = (sl[s] / sc[s]).item()
+                m[f"loss/source_{names[s] if s < len(names) else s}"] = (sl[s] / sc[s]).item()
         return m
 
     # ---- main loop ----
@@ -306,7 +308,6 @@ class Trainer:
             if self.rank == 0:
                 print(f"[mod_train] resumed from {self.ckpt_root / resumed} at step {self.step}", flush=True)
             self.logger.advance(self.step)
-        tokens_per_step = tc.micro_batch_size * tc.grad_accum * self.dp * tc.seq_len
         status, steps_here = "completed", 0
         while self.step < tc.max_steps:
             t0 = time.perf_counter()
@@ -319,6 +320,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.step += 1
             steps_here += 1
+            tokens_per_step = tc.micro_batch_size * tc.grad_accum * self.dp * self._last_seq_len
             self.tokens += tokens_per_step
             if want or self.step == tc.max_steps:
                 gn = self.engine.get_global_grad_norm()
