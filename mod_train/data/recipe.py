@@ -43,9 +43,10 @@ class SourceConfig:
     """Short unique name; used in per-source loss logging and statistics."""
     type: str = "jsonl"
     """One of: text (one document per file), jsonl (one JSON object per line), parquet, hub."""
-    path: Optional[str] = None
-    """Local file, directory or glob (text/jsonl/parquet); '~' and $VARS are expanded; a relative
-    path is taken relative to the recipe file. Supports `{corpus}` = mod_train.offline.cache_root()/corpus."""
+    path: Union[str, list[str], None] = None
+    """Local file, directory or glob, or a list of them (text/jsonl/parquet); '~' and $VARS are expanded;
+    relative paths are taken relative to the recipe file; `{corpus}` = the offline corpus folder
+    ($MOD_TRAIN_CORPUS, else mod_train.offline.cache_root()/corpus)."""
     hub_id: Optional[str] = None
     """Dataset id for type=hub, streamed with `datasets.load_dataset(id, streaming=True)` (online only)."""
     hub_config: Optional[str] = None
@@ -212,8 +213,7 @@ def corpus_dir() -> Path:
     return Path(os.environ.get("MOD_TRAIN_CORPUS", cache_root() / "corpus"))
 
 
-def resolve_path(src: SourceConfig, base: Path | None = None) -> str:
-    p = src.path or ""
+def resolve_path(p: str, base: Path | None = None) -> str:
     if "{corpus}" in p:
         p = p.replace("{corpus}", str(corpus_dir()))
     p = os.path.expandvars(os.path.expanduser(p))
@@ -224,15 +224,19 @@ def resolve_path(src: SourceConfig, base: Path | None = None) -> str:
 
 def source_files(src: SourceConfig, base: Path | None = None) -> list[str]:
     """The sorted list of local files of a source; raises DataError naming the source if none."""
-    p = resolve_path(src, base)
-    if os.path.isdir(p):
-        pattern = {"jsonl": "*.jsonl", "parquet": "*.parquet", "text": "*"}[src.type]
-        files = sorted(glob.glob(os.path.join(p, "**", pattern), recursive=True))
-    else:
-        files = sorted(glob.glob(p, recursive=True))
-    files = [f for f in files if os.path.isfile(f)]
-    if not files:
-        raise DataError(f"source '{src.name}': path '{src.path}' (resolved: {p}) matches no files")
+    files: list[str] = []
+    for raw in ([src.path] if isinstance(src.path, str) else list(src.path or [])):
+        p = resolve_path(str(raw), base)
+        if os.path.isdir(p):
+            pattern = {"jsonl": "*.jsonl", "parquet": "*.parquet", "text": "*"}[src.type]
+            found = sorted(glob.glob(os.path.join(p, "**", pattern), recursive=True))
+        else:
+            found = sorted(glob.glob(p, recursive=True))
+        found = [f for f in found if os.path.isfile(f)]
+        if not found:
+            hint = " (run `python launch/fetch_corpus.py` first)" if "{corpus}" in str(raw) else ""
+            raise DataError(f"source '{src.name}': path '{raw}' (resolved: {p}) matches no files{hint}")
+        files.extend(f for f in found if f not in files)
     return files
 
 

@@ -245,9 +245,10 @@ class PackedStream:
         self._eos = None
         if recipe.append_eos:
             tok = recipe.eos_token or self.tokenizer.eos_token
-            self._eos = self.tokenizer.convert_tokens_to_ids(tok) if tok is not None else None
-            if self._eos is None or (recipe.eos_token and self._eos == self.tokenizer.unk_token_id):
+            vocab = self.tokenizer.get_vocab()
+            if tok is None or tok not in vocab:
                 raise DataError(f"eos_token '{tok}' is not in the tokenizer's vocabulary")
+            self._eos = vocab[tok]
         self._pad = self._eos if self._eos is not None else 0
         if max_rows is None and split == "train" and st.tokens is not None:
             max_rows = st.tokens // (self.seq_len * dp_world_size)
