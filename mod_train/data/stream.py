@@ -264,6 +264,7 @@ class PackedStream:
         self._pending = None  # (source index, epoch, pos, remaining ids, offset already emitted)
         self._warned_done: set[int] = set()
         self._finished = False
+        self.doc_log: Optional[list] = None  # set to [] to record (source index, tokens) per scheduled document
 
     # -- identity ----------------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -300,6 +301,8 @@ class PackedStream:
             epoch, pos, _title, ids = doc
             self.tokens[i] += len(ids)
             self.docs[i] += 1
+            if self.doc_log is not None:
+                self.doc_log.append((i, len(ids)))
             return i, epoch, pos, ids, 0
 
     def __next__(self) -> dict:
