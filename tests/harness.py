@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 
@@ -35,7 +36,7 @@ def _child(rank, world, port, fn, args, kwargs, q, env):
         import torch
         torch.set_num_threads(1)
         res = fn(*args, **kwargs)
-        q.put((rank, True, res))
+        q.put((rank, True, pickle.dumps(res)))  # plain bytes: torch's shared-memory tensors die with the child
     except BaseException:  # noqa: BLE001
         q.put((rank, False, traceback.format_exc()))
     finally:
@@ -70,6 +71,7 @@ class Ranks:
         while len(results) + len(errors) < self.world and time.time() < deadline:
             try:
                 rank, ok, res = self.q.get(timeout=0.2)
+                res = pickle.loads(res) if ok else res
                 (results if ok else errors)[rank] = res
             except _q.Empty:
                 if all(not p.is_alive() for p in self.procs) and self.q.empty():
@@ -105,3 +107,49 @@ def start_ranks(fn, world_size, *args, env=None, **kwargs) -> Ranks:
 
 def run_ranks(fn, world_size, *args, timeout=180, env=None, **kwargs) -> list:
     return start_ranks(fn, world_size, *args, env=env, **kwargs).join(timeout=timeout)[0]
+
+
+# -- training helpers shared by tests/test_train*.py and tests/test_parallel*.py -----------------------
+
+def make_tiny_model(path, layers=4, hidden=32, vocab=128, heads=4, kv_heads=2, seed=0, max_pos=512):
+    """A random tiny dense Llama saved as a HF directory (the 'dense checkpoint' to convert)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                      max_position_embeddings=max_pos, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+TINY_TRAIN = dict(max_steps=4, seq_len=32, micro_batch_size=1, grad_accum=1, precision="fp32", lr=3e-3,
+                  warmup_steps=1, wandb="disabled", progress=False, save_every=0, log_every=1)
+TINY_MOD = dict(router_init="zero", threshold=0.5, alpha=0.05, layers="odd")
+
+
+def train_worker(model, out, ds, train=None, mod=None, dense=False, recipe="synthetic", trace_routing=False):
+    """Runs mod_train.train.trainer.train in a harness rank; returns the result (+ routing trace)."""
+    from mod_train import MoDConfig
+    from mod_train.train.config import TrainConfig
+    from mod_train.train.trainer import RunSpec, train as run
+    tc = TrainConfig(**{**TINY_TRAIN, **(train or {})})
+    mc = MoDConfig(**{**TINY_MOD, **(mod or {})})
+    trace = []
+
+    def probe(trainer):
+        if not trace_routing:
+            return
+        for n, m in trainer.model.named_modules():
+            if n.endswith("router"):
+                m.register_forward_hook(lambda mod, inp, out, n=n: trace.append((n, out.detach().float().clone())))
+
+    res = run(RunSpec(model=model, out=str(out), ds=ds, recipe=recipe, dense=dense), tc, mc, after_setup=probe)
+    if trace_routing:
+        res["trace"] = trace
+    return res
+
+
+def losses(out) -> dict:
+    from mod_train.train.logger import read_metrics
+    return read_metrics(f"{out}/metrics.jsonl")

@@ -119,8 +119,9 @@ class StopFlag:
 # -- the trainer -----------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, spec: RunSpec, tc: TrainConfig, mod_cfg=None):
+    def __init__(self, spec: RunSpec, tc: TrainConfig, mod_cfg=None, after_setup=None):
         tc.validate()
+        self.after_setup = after_setup  # callback(trainer) after the engine exists (tests, probes)
         self.spec, self.tc = spec, tc
         self.mod_cfg = None if spec.dense else mod_cfg
         if not spec.dense and mod_cfg is None:
@@ -300,6 +301,8 @@ class Trainer:
     def run(self) -> dict:
         tc = self.tc
         self.setup()
+        if self.after_setup is not None:
+            self.after_setup(self)
         self.logger = MetricsLogger(self.out, tc, rank=self.rank, start_step=0,
                                     config={"train": tc.to_dict(), "fingerprint": self.fingerprint()})
         resumed = self.maybe_resume()
@@ -352,5 +355,5 @@ class Trainer:
         return {"status": status, "step": self.step, "rank": self.rank}
 
 
-def train(spec: RunSpec, tc: TrainConfig, mod_cfg=None) -> dict:
-    return Trainer(spec, tc, mod_cfg).run()
+def train(spec: RunSpec, tc: TrainConfig, mod_cfg=None, after_setup=None) -> dict:
+    return Trainer(spec, tc, mod_cfg, after_setup=after_setup).run()
