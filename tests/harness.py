@@ -153,3 +153,38 @@ def train_worker(model, out, ds, train=None, mod=None, dense=False, recipe="synt
 def losses(out) -> dict:
     from mod_train.train.logger import read_metrics
     return read_metrics(f"{out}/metrics.jsonl")
+
+
+def slow_steps(delay):
+    """after_setup probe that makes every optimizer step take at least `delay` seconds (kill tests)."""
+    def probe(trainer):
+        import time
+        orig = trainer.train_step
+
+        def slowed(*a, **k):
+            time.sleep(delay)
+            return orig(*a, **k)
+        trainer.train_step = slowed
+    return probe
+
+
+def train_worker_probe(model, out, ds, train=None, mod=None, delay=0.0):
+    from mod_train import MoDConfig
+    from mod_train.train.config import TrainConfig
+    from mod_train.train.trainer import RunSpec, train as run
+    tc = TrainConfig(**{**TINY_TRAIN, **(train or {})})
+    return run(RunSpec(model=model, out=str(out), ds=ds), tc, MoDConfig(**{**TINY_MOD, **(mod or {})}),
+               after_setup=slow_steps(delay) if delay else None)
+
+
+def wait_for_step(out, step, timeout=120):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if max(losses(out), default=0) >= step:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{out} never reached step {step}")
