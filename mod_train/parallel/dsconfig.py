@@ -122,6 +122,8 @@ def for_hf(ds: dict) -> dict:
     """The copy handed to HfDeepSpeedConfig: transformers refuses from_pretrained when the config
     carries `tensor_parallel` (AutoTP is applied later by deepspeed.initialize)."""
     d = copy.deepcopy(ds)
+    if tp_size(d) > 1:
+        d.pop("train_batch_size", None)  # without the TP key DeepSpeed would count TP ranks as data-parallel
     d.pop("tensor_parallel", None)
     d.pop("pipeline", None)
     return d

@@ -157,7 +157,11 @@ class Trainer:
                 model.config.use_cache = False
             groups = param_groups(model, tc)
             sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))  # noqa: E731
-            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+            mpu = None
+            if self.tp > 1:
+                from mod_train.parallel.autotp import tp_groups
+                mpu = tp_groups(self.tp)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, mpu=mpu,
                                                         lr_scheduler=sched, config=dsconfig.for_engine(ds))
             self.model = self.engine.module
             fwd = inspect.signature(type(self.model).forward).parameters
