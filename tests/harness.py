@@ -188,3 +188,48 @@ def wait_for_step(out, step, timeout=120):
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{out} never reached step {step}")
+
+
+def make_tiny_model_with_tokenizer(path, texts, vocab=320, **kw):
+    """A tiny dense Llama plus a byte-level BPE tokenizer trained on `texts`, in one HF directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab - 8, special_tokens=["<unk>", "<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    make_tiny_model(path, vocab=vocab, **kw)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    return str(path)
+
+
+def write_tiny_recipe(tmp_path, n_docs=40, seq_len=64):
+    """Two local jsonl sources + a recipe YAML using the tiny model's tokenizer. Returns (model, recipe)."""
+    import json
+    import random
+    rng = random.Random(0)
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+    docs = {s: [" ".join(rng.choice(words) for _ in range(rng.randint(20, 120))) for _ in range(n_docs)]
+            for s in ("prose", "code")}
+    for s, ds in docs.items():
+        with open(tmp_path / f"{s}.jsonl", "w") as f:
+            for i, d in enumerate(ds):
+                f.write(json.dumps({"title": f"{s}{i}", "text": d}) + "\n")
+    model = make_tiny_model_with_tokenizer(tmp_path / "model", docs["prose"] + docs["code"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: tiny
+tokenizer: {model}
+stages:
+  - seq_len: {seq_len}
+sources:
+  - name: prose
+    type: jsonl
+    path: {tmp_path / 'prose.jsonl'}
+    weight: 0.5
+  - name: code
+    type: jsonl
+    path: {tmp_path / 'code.jsonl'}
+    weight: 0.5
+""")
+    return model, str(recipe)

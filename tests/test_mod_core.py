@@ -1,0 +1,241 @@
+"""Routing correctness on tiny models: fast path == reference path, skipped tokens have no influence,
+gates at 1 reproduce the dense model, save/load, target-rate mode, gradient checkpointing, bad input."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import mod_train
+from mod_train import MoDConfig, MoDConfigError, UnsupportedModelError, modify
+from mod_train.mod.layer import routed_layer_fast
+
+from conftest import randomize_routers, tiny_model
+
+
+def _batch(B=3, S=24, pad=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if pad:  # left padding of different lengths, as generate() uses
+        for b in range(1, B):
+            mask[b, : 3 * b] = 0
+    return ids, mask
+
+
+def _packed(B=2, S=24, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (B, S), generator=g)
+    pos = torch.cat([torch.arange(10), torch.arange(8), torch.arange(6)])[None].repeat(B, 1)
+    return ids, pos
+
+
+def _pair(routing, **kw):
+    fast = randomize_routers(modify(tiny_model(), MoDConfig(routing=routing, capacity=0.5, layers="all", **kw)))
+    ref = copy.deepcopy(fast)
+    ref.config.mod = {**ref.config.mod, "impl": "reference"}
+    return fast, ref
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("routing", ["threshold", "topk"])
+@pytest.mark.parametrize("inputs", ["padded", "packed", "plain"])
+def test_fast_equals_reference(routing, inputs):
+    fast, ref = _pair(routing)
+    if inputs == "packed":
+        ids, pos = _packed()
+        kw = dict(input_ids=ids, position_ids=pos, labels=ids)
+    else:
+        ids, mask = _batch(pad=inputs == "padded")
+        kw = dict(input_ids=ids, attention_mask=mask, labels=ids)
+    outs = []
+    for m in (fast, ref):
+        m.train()  # top-k selects by top-k in training
+        o = m(**kw)
+        o.loss.backward()
+        outs.append((o, _grads(m)))
+    (of, gf), (orf, gr) = outs
+    rates = [v["rate"].item() for v in of.routing.values()]
+    assert any(0.05 < r < 0.95 for r in rates), f"routing must actually skip tokens: {rates}"
+    valid = kw.get("attention_mask", torch.ones_like(ids)).bool()
+    torch.testing.assert_close(of.logits[valid], orf.logits[valid], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(of.loss, orf.loss, atol=1e-5, rtol=1e-5)
+    assert gf.keys() == gr.keys() and any("router" in n for n in gf)
+    for n in gf:
+        torch.testing.assert_close(gf[n], gr[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_skipped_token_has_no_influence():
+    m = randomize_routers(modify(tiny_model(), MoDConfig(layers=[1])))
+    layer = m.model.layers[1]
+    ids, _ = _batch(B=2, pad=False)
+    h, meta = m.mod_embed(ids)
+    z = layer.router(h)
+    sel = torch.sigmoid(z) >= 0.5
+    assert sel.any() and (~sel).any()
+    w = torch.sigmoid(z)
+    base = routed_layer_fast(layer, 1, h, meta, sel, w, "submodule", m.config)
+    b, t = (~sel).nonzero()[0].tolist()
+    h2 = h.clone()
+    h2[b, t] += 10 * torch.randn(h.shape[-1])
+    out = routed_layer_fast(layer, 1, h2, meta, sel, w, "submodule", m.config)
+    others = torch.ones_like(sel)
+    others[b, t] = False
+    torch.testing.assert_close(out[others], base[others], atol=0, rtol=0)
+    torch.testing.assert_close(out[b, t], h2[b, t], atol=0, rtol=0)  # a skipped token passes unchanged
+    # while a selected token does influence later selected tokens
+    bs, ts = b, sel[b].nonzero()[0].item()  # first selected token of that row
+    h3 = h.clone()
+    h3[bs, ts] += 10 * torch.randn(h.shape[-1])
+    out3 = routed_layer_fast(layer, 1, h3, meta, sel, w, "submodule", m.config)
+    later = sel[bs].nonzero().squeeze(1)
+    later = later[later > ts]
+    assert (out3[bs, later] - base[bs, later]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_gates_at_one_reproduce_dense_logits(arch):
+    dense = tiny_model(arch)
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = dense(input_ids=ids, attention_mask=mask).logits
+        m = modify(dense, MoDConfig(layers="all"))
+        for i in m.routed_layers:
+            m.model.layers[i].router.bias.fill_(60.0)  # sigmoid(60) == 1.0 in fp32
+        out = m(input_ids=ids, attention_mask=mask)
+    valid = mask.bool()
+    torch.testing.assert_close(out.logits[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    assert all(v["rate"].item() == 1.0 for v in out.routing.values())
+
+
+def test_packed_documents_do_not_see_each_other():
+    """In dense and routed layers: changing document 1 leaves document 2's logits unchanged."""
+    m = randomize_routers(modify(tiny_model(), MoDConfig(layers="odd")))
+    ids, pos = _packed(B=1)
+    ids2 = ids.clone()
+    ids2[0, :10] = torch.randint(1, 128, (10,))
+    with torch.no_grad():
+        a = m(input_ids=ids, position_ids=pos).logits
+        b = m(input_ids=ids2, position_ids=pos).logits
+        c = m(input_ids=ids[:, 10:18], position_ids=pos[:, 10:18]).logits  # document 2 alone
+    torch.testing.assert_close(a[0, 10:], b[0, 10:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a[0, 10:18], c[0], atol=1e-5, rtol=1e-5)
+    # doc_ids give the same result as restarting positions
+    doc = torch.tensor([[0] * 10 + [1] * 8 + [2] * 6])
+    with torch.no_grad():
+        d = m(input_ids=ids, position_ids=pos, doc_ids=doc).logits
+    torch.testing.assert_close(a, d)
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = MoDConfig(routing="threshold", threshold=0.6, layers=[1, 2], alpha=0.05, router_init="zero",
+                    router_input="norm", layer_thresholds={2: 0.7}, gate="block")
+    m = randomize_routers(modify(tiny_model(), cfg))
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask).logits
+    m.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(m)
+    assert loaded.mod_config == m.mod_config and loaded.routed_layers == [1, 2]
+    with torch.no_grad():
+        out = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    # and from_pretrained_mod of the MoD dir keeps its own settings
+    again = mod_train.from_pretrained_mod(tmp_path)
+    assert again.mod_config == cfg
+
+
+def test_from_pretrained_mod_of_dense_checkpoint(tmp_path):
+    dense = tiny_model()
+    dense.save_pretrained(tmp_path)
+    m = mod_train.from_pretrained_mod(tmp_path, MoDConfig(router_init="dense"))
+    for i in m.routed_layers:
+        r = m.model.layers[i].router
+        assert torch.all(r.weight == 0) and torch.allclose(torch.sigmoid(r.bias), torch.tensor(0.95))
+    torch.testing.assert_close(m.model.layers[0].self_attn.q_proj.weight, dense.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_target_rate_mode_moves_rate_towards_target():
+    torch.manual_seed(0)
+    m = modify(tiny_model(layers=4), MoDConfig(router_init="dense", target_rate=0.25, target_weight=5.0))
+    randomize_routers(m, std=0.3, bias=float(MoDConfig().init_logit()))
+    params = [p for n, p in m.named_parameters() if "router" in n]
+    opt = torch.optim.Adam(params, lr=0.05)
+    ids, mask = _batch(B=4, S=32, pad=False)
+    m.train()
+    rates = []
+    for _ in range(60):
+        out = m(input_ids=ids, labels=ids)
+        rates.append(sum(v["rate"].item() for v in out.routing.values()) / len(out.routing))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert rates[0] == 1.0
+    assert abs(sum(rates[-10:]) / 10 - 0.25) < 0.1, rates
+
+
+def test_layer_load_loss_value():
+    m = randomize_routers(modify(tiny_model(), MoDConfig(alpha=0.5)))
+    ids, _ = _batch(pad=False)
+    out = m(input_ids=ids, labels=ids)
+    expect = sum(0.5 * v["rate"] * v["gate"] for v in out.routing.values())
+    torch.testing.assert_close(out.aux_loss, expect)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    a = randomize_routers(modify(tiny_model(), MoDConfig(layers="all")))
+    b = copy.deepcopy(a)
+    b.activation_checkpointing_enable()
+    ids, mask = _batch()
+    res = []
+    for m in (a, b):
+        m.train()
+        o = m(input_ids=ids, attention_mask=mask, labels=ids)
+        o.loss.backward()
+        res.append((o.loss.detach(), _grads(m)))
+    assert b.model.gradient_checkpointing
+    torch.testing.assert_close(res[0][0], res[1][0])
+    for n in res[0][1]:
+        torch.testing.assert_close(res[0][1][n], res[1][1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_calibration_hits_target_rate():
+    m = randomize_routers(modify(tiny_model(), MoDConfig(layers="all")), std=2.0)
+    ids, _ = _batch(B=4, S=64, pad=False)
+    th = mod_train.calibrate_thresholds(m, [{"input_ids": ids}], 0.25)
+    assert set(th) == set(m.routed_layers)
+    with torch.no_grad():
+        out = m(input_ids=ids)
+    for v in out.routing.values():
+        assert abs(v["rate"].item() - 0.25) < 0.03
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(threshold=1.0), "threshold"), (dict(threshold=0.0), "threshold"), (dict(capacity=0.0), "capacity"),
+    (dict(capacity=1.5), "capacity"), (dict(layers="every-third"), "unknown layer spec"),
+    (dict(routing="topp"), "routing"), (dict(router_init="xavier"), "router_init"),
+    (dict(target_rate=1.5), "target_rate"),
+])
+def test_bad_config_values(kw, needle):
+    with pytest.raises(MoDConfigError, match=needle):
+        MoDConfig(**kw)
+
+
+def test_bad_layer_index_and_unknown_key():
+    with pytest.raises(MoDConfigError, match="out of range"):
+        modify(tiny_model(layers=4), MoDConfig(layers=[1, 7]))
+    with pytest.raises(MoDConfigError, match="did you mean 'threshold'"):
+        MoDConfig.from_dict({"treshold": 0.5})
+
+
+def test_unknown_architecture_lists_supported():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
+        modify(gpt2, MoDConfig())
