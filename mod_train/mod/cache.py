@@ -84,6 +84,14 @@ class MoDCache:
         raise NotImplementedError("MoDCache is dynamic; torch.compile'd static caches are not supported")
 
     is_compileable = False
+    is_croppable = False  # ragged routed layers cannot be cut back by a token count (no assisted decoding)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    def crop(self, max_length: int):
+        raise NotImplementedError("MoDCache cannot be cropped: assisted/speculative decoding is not supported")
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         for L in self.layers:

@@ -30,7 +30,7 @@ class MetricsLogger:
             try:
                 import wandb
                 id_file = out / "wandb_id.txt"
-                run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+                run_id = id_file.read_text().strip() if id_file.is_file() else _new_id()
                 id_file.write_text(run_id)
                 self.wandb = wandb.init(project=tc.wandb_project, name=tc.run_name or out.name, id=run_id,
                                         resume="allow", dir=str(out), mode=tc.wandb, config=config)
@@ -67,6 +67,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.jsonl.close()
+
+
+def _new_id() -> str:
+    import secrets
+    import string
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def read_metrics(path) -> dict[int, dict]:
