@@ -136,6 +136,7 @@ def build_pipeline_engine(trainer, ds: dict):
                                int(pcfg.get("activation_checkpoint_interval", 0) or 0))
     trainer.n_trainable, trainer.n_params = set_trainable(pm, tc)
     groups = param_groups(pm, tc)
+    trainer.group_names = [g["name"] for g in groups]
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))  # noqa: E731
     from mod_train.parallel import dsconfig
     engine, _, _, _ = deepspeed.initialize(model=pm, model_parameters=groups, lr_scheduler=sched,

@@ -156,6 +156,7 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.config.use_cache = False
             groups = param_groups(model, tc)
+            self.group_names = [g["name"] for g in groups]
             sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))  # noqa: E731
             mpu = None
             if self.tp > 1:
@@ -331,12 +332,13 @@ class Trainer:
             self.tokens += tokens_per_step
             if want or self.step == tc.max_steps:
                 gn = self.engine.get_global_grad_norm()
+                lrs = dict(zip(getattr(self, "group_names", []), self.engine.get_lr()))
                 m.update({"loss": m["loss/lm"] + m["loss/aux"], "lr": self.engine.get_lr()[0],
                           "grad_norm": float(gn) if gn is not None else float("nan"),
                           "tokens_per_s": tokens_per_step / dt, "step_time_s": dt, "tokens": self.tokens})
-                lrs = self.engine.get_lr()
-                if len(lrs) > 1:
-                    m["lr_router"] = lrs[-1]
+                if "router" in lrs:
+                    m["lr_router"] = lrs["router"]
+                    m["lr"] = next((v for k, v in lrs.items() if k != "router"), lrs["router"])
                 self.logger.log(self.step, m)
             self.logger.advance()
             sig = self.stop.agreed()
