@@ -146,6 +146,13 @@ class Trainer:
         self.ds = ds
         self.tp, self.pp = dsconfig.tp_size(ds), dsconfig.pp_stages(ds)
         self.dp = self.world // (self.tp * self.pp)
+        if torch.cuda.is_available():  # print the plan and refuse what cannot fit, before allocating
+            from mod_train.parallel import memory
+            est = memory.plan_from(hf_cfg.to_dict(), ds, tc, self.world)
+            gib = torch.cuda.get_device_properties(self.local_rank).total_memory / memory.GiB
+            if self.rank == 0:
+                print("[mod_train] per-GPU memory estimate:\n" + est.table(gib), flush=True)
+            memory.check(est, gib)
         if self.pp > 1:
             from mod_train.parallel.pipeline import build_pipeline_engine
             self.engine, self.model = build_pipeline_engine(self, ds)
