@@ -1,0 +1,116 @@
+"""Unit tests (no distributed world): overrides, DeepSpeed config filling/refusals, lr schedule,
+parameter groups and trainable selection, memory plans, checkpoint bookkeeping."""
+import json
+import math
+
+import pytest
+import torch
+
+from mod_train import MoDConfig
+from mod_train.parallel import dsconfig, memory
+from mod_train.train import checkpoint as ckpt
+from mod_train.train.config import ConfigError, TrainConfig, apply_overrides, split_overrides
+from mod_train.train.trainer import lr_lambda, param_groups, set_trainable
+
+
+def test_overrides_types_and_did_you_mean():
+    rest, pairs = split_overrides(["--ds", "x.json", "--mod.threshold", "0.55", "--train.max_steps=100",
+                                   "--mod.layers", "[1,3]", "--train.train_modules", "mlp,norm",
+                                   "--train.router_lr", "none", "--train.grad_checkpointing", "true"])
+    assert rest == ["--ds", "x.json"]
+    t, m = TrainConfig(), MoDConfig()
+    apply_overrides({"train": t, "mod": m}, pairs)
+    assert (m.threshold, t.max_steps, m.layers, t.train_modules, t.router_lr, t.grad_checkpointing) == \
+        (0.55, 100, [1, 3], ["mlp", "norm"], None, True)
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        apply_overrides({"train": t}, [("train.max_step", "3")])
+    with pytest.raises(ConfigError, match="did you mean 'train'"):
+        apply_overrides({"train": t}, [("trian.lr", "3")])
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides({"train": t}, [("train.max_steps", "many")])
+    with pytest.raises(ConfigError, match="boolean"):
+        apply_overrides({"train": t}, [("train.grad_checkpointing", "maybe")])
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload", "zero3_tp2", "pipeline"])
+def test_presets_fill_every_auto(name):
+    tc = TrainConfig(micro_batch_size=2, grad_accum=3, precision="bf16", lr=1e-4, grad_clip=0.5)
+    ds = dsconfig.fill(dsconfig.load(f"ds_configs/{name}.json"), tc, world_size=4, hidden_size=64)
+    assert "auto" not in json.dumps(ds)
+    dp = 4 // (dsconfig.tp_size(ds) * dsconfig.pp_stages(ds))
+    assert ds["train_batch_size"] == 2 * 3 * dp and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["optimizer"]["params"]["lr"] == 1e-4
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # CPU
+
+
+def test_configs_that_cannot_work_are_refused():
+    with pytest.raises(dsconfig.DSConfigError, match="fp16 is not supported on CPU"):
+        dsconfig.fill(dsconfig.load("ds_configs/zero2.json"), TrainConfig(precision="fp16"), 2)
+    ds = dsconfig.load("ds_configs/pipeline.json")
+    ds["zero_optimization"]["stage"] = 2
+    with pytest.raises(dsconfig.DSConfigError, match="ZeRO stage 0 or 1"):
+        dsconfig.fill(ds, TrainConfig(precision="fp32"), 2)
+    with pytest.raises(dsconfig.DSConfigError, match="not divisible"):
+        dsconfig.fill(dsconfig.load("ds_configs/zero3_tp2.json"), TrainConfig(precision="fp32"), 3)
+    hf = dsconfig.for_hf(dsconfig.fill(dsconfig.load("ds_configs/zero3_tp2.json"), TrainConfig(precision="fp32"), 4))
+    assert "tensor_parallel" not in hf and "train_batch_size" not in hf
+
+
+def test_lr_schedule_warmup_then_cosine():
+    tc = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    f = lr_lambda(tc)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def _tiny_mod():
+    from conftest import tiny_model
+    from mod_train import modify
+    return modify(tiny_model(), MoDConfig())
+
+
+def test_trainable_modes_and_router_param_group():
+    m = _tiny_mod()
+    n, total = set_trainable(m, TrainConfig(trainable="routers"))
+    assert n == 2 * (32 + 1) and total > n
+    assert all(p.requires_grad == ("router" in k) for k, p in m.named_parameters())
+    set_trainable(m, TrainConfig(trainable="routers+modules", train_modules=["mlp"]))
+    assert all(p.requires_grad == ("router" in k or "mlp" in k) for k, p in m.named_parameters())
+    set_trainable(m, TrainConfig(trainable="full"))
+    groups = {g["name"]: g for g in param_groups(m, TrainConfig(lr=1e-5, router_lr=1e-3, weight_decay=0.1))}
+    assert groups["router"]["lr"] == 1e-3 and groups["router"]["weight_decay"] == 0.0
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    assert all(p.dim() == 1 for p in groups["no_decay"]["params"])
+
+
+def test_memory_plan_70b():
+    total, _, _ = memory.count_params(memory.PRESETS["llama3-70b"])
+    assert 70.0e9 < total < 71.0e9
+    c = memory.PRESETS["llama3-70b"]
+    fits = memory.estimate(c, zero_stage=3, dp=64, precision="bf16", seq_len=8192, offload_optimizer=True,
+                           offload_param=True)
+    memory.check(fits, 80)
+    plain = memory.estimate(c, zero_stage=1, dp=16, precision="bf16", seq_len=8192)
+    assert plain.weights == pytest.approx(total * 2, rel=0.01)
+    with pytest.raises(memory.PlanDoesNotFit, match="largest item is weights"):
+        memory.check(plain, 80)
+    nockpt = memory.estimate(c, zero_stage=3, dp=64, seq_len=8192, grad_ckpt=False)
+    ck = memory.estimate(c, zero_stage=3, dp=64, seq_len=8192, grad_ckpt=True)
+    assert nockpt.activations > 10 * ck.activations
+
+
+def test_find_resume_skips_incomplete_and_reports(tmp_path, capsys):
+    for s in (2, 4, 6):
+        d = tmp_path / ckpt.tag_for(s)
+        d.mkdir()
+        (d / "a.pt").write_bytes(b"x" * 10)
+        if s != 6:
+            ckpt.write_manifest(d)
+    (tmp_path / "latest").write_text(ckpt.tag_for(4))
+    assert ckpt.find_resume(tmp_path) == "step_000004"  # step 6 is a partial save newer than latest
+    (tmp_path / "step_000004" / "a.pt").write_bytes(b"x" * 3)
+    assert ckpt.find_resume(tmp_path) == "step_000002"
+    assert "FALLING BACK" in capsys.readouterr().out
+    diffs = ckpt.compare_fingerprints({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+    assert diffs == ["b.c: checkpoint has 2, this run has 3"]
