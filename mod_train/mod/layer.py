@@ -91,12 +91,16 @@ def _gated(layer, h, a, w, gate_mode):
 
 
 def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: torch.Tensor, w: torch.Tensor,
-                      gate_mode: str, config) -> torch.Tensor:
-    """Gather -> compute -> scatter. Rows may select different numbers of tokens; at least one slot is
-    always computed so every rank calls every sub-module (ZeRO-3 / TP collectives never hang)."""
+                      gate_mode: str, config, always_compute: bool = False) -> torch.Tensor:
+    """Gather -> compute -> scatter. Rows may select different numbers of tokens. When no token is
+    selected the layer is skipped, unless `always_compute` (distributed runs): then one masked slot is
+    computed so every rank calls every sub-module and ZeRO-3 / TP collectives never hang."""
     B, S, d = h.shape
     counts = sel.sum(1)
-    n = max(int(counts.max()), 1)
+    n = int(counts.max())
+    if n == 0 and not always_compute:
+        return h
+    n = max(n, 1)
     # stable sort puts each row's selected tokens first, in their original order
     idx_sel = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :n]
     slot_ok = torch.arange(n, device=h.device)[None, :] < counts[:, None]

@@ -36,6 +36,12 @@ def docs_from_positions(pos: torch.Tensor) -> torch.Tensor | None:
     return restart.long().cumsum(1)
 
 
+def _distributed() -> bool:
+    """More than one rank: every rank must call every sub-module (collectives inside ZeRO-3/TP hooks)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
 class MoDMixin:
     """Adds MoD routing to an HF causal LM whose decoder layers are Llama-shaped."""
 
@@ -112,8 +118,10 @@ class MoDMixin:
         causal = self._causal_routing(meta)
         sel = R.select(z, meta.slots.valid, cfg, i, causal)
         w = R.block_weight(z, cfg)
-        fn = routed_layer_reference if cfg.impl == "reference" else routed_layer_fast
-        args = (layer, i, h, meta, sel, w, cfg.gate_mode, self.config)
+        if cfg.impl == "reference":
+            fn, args = routed_layer_reference, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config)
+        else:
+            fn, args = routed_layer_fast, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config, _distributed())
         h = checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
         p = cfg.threshold_for(i) if cfg.routing == "threshold" else 0.5
         return h, R.RouteTerms(i, z, sel, meta.slots.valid, p)

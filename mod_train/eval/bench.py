@@ -1,0 +1,340 @@
+"""Efficiency benchmark: the dense original against its MoD version, measured side by side in one run.
+
+For every context length: prefill latency, per-token decode latency after that prefill, KV-cache bytes
+and peak memory (process RSS growth on CPU, `torch.cuda.max_memory_allocated` on GPU); optionally
+forward+backward (training step) time. Each MoD row is a calibrated target rate (thresholds set by
+`calibrate_thresholds` on separate calibration text), and sits beside the ideal ratio from counting
+(mod_train/eval/flops.py). Dense and MoD runs alternate inside each repeat, and the best of the
+repeats is kept, so slow drifts of a shared machine hit both alike.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mod_train.eval import flops as F
+
+
+@dataclass
+class BenchConfig:
+    dense: str | None = None
+    """Dense HF model dir or hub id (default: the offline SmolLM2-135M)."""
+    mod: str | None = None
+    """Saved MoD model dir; default: convert `dense` with random router directions (latency depends only on
+    how many tokens run, which calibration fixes)."""
+    lengths: list = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    """Context lengths (prefill sizes)."""
+    rates: list = field(default_factory=lambda: [0.5, 0.25, 0.125])
+    """Target execution rates the MoD thresholds are calibrated to."""
+    decode_tokens: int = 8
+    """Decode steps timed after each prefill (0 disables decode)."""
+    repeats: int = 2
+    """Timed repetitions; the best is reported."""
+    train_lengths: list = field(default_factory=list)
+    """Lengths at which forward+backward time is also measured (e.g. [2048, 8192])."""
+    dtype: str = "float32"
+    """Model dtype: float32 or bfloat16."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    out: str = "runs/bench"
+    """Output dir for bench.json and bench.png."""
+    seed: int = 0
+    """Seed of the random router directions."""
+    memory: bool = True
+    """On CPU, measure peak RSS growth in a fresh process per configuration (one extra prefill each)."""
+
+
+class PeakMemory:
+    """Peak memory growth over a block: CUDA allocator peak, or process RSS high-water mark (Linux).
+    On CPU the allocator keeps freed memory resident, so RSS growth is only meaningful in a fresh
+    process: run_bench measures CPU memory in a spawned child per configuration (`_memory_child`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:  # reset VmHWM to the current RSS
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+            self.base = _proc_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = max(_proc_kb("VmHWM") * 1024 - self.base, 0)
+
+
+def _proc_kb(key: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def real_token_ids(tokenizer, n: int, skip: int = 0) -> torch.Tensor:
+    """n tokens of real text: CPython's own stdlib sources (present on every machine)."""
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    ids: list[int] = []
+    for path in sorted(root.glob("*.py")):
+        ids += tokenizer(path.read_text(errors="ignore")).input_ids
+        if len(ids) >= n + skip:
+            break
+    return torch.tensor(ids[skip:skip + n])[None]
+
+
+@torch.no_grad()
+def _prefill_decode(model, ids, n_decode, device, is_mod):
+    from mod_train import MoDCache, kv_cache_bytes
+    cache = MoDCache(model.config.num_hidden_layers) if is_mod else None
+    with PeakMemory(device) as mem:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        prefill = time.perf_counter() - t0
+    cache = out.cache
+    kv = kv_cache_bytes(cache)["total"]
+    rates = {i: v["rate"].item() for i, v in out.routing.items()} if is_mod else {}
+    tok = out.logits[:, -1:].argmax(-1)
+    decode = None
+    if n_decode:
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode = (time.perf_counter() - t0) / n_decode
+    return dict(prefill_s=prefill, decode_s=decode, kv_bytes=kv, peak_bytes=mem.peak, rates=rates)
+
+
+def _memory_child(dense_path, mod_path, dtype, mod_state, ids, n_decode, queue):
+    """Fresh process: load the model, one prefill + decode, report the RSS growth."""
+    import mod_train
+    from transformers import AutoModelForCausalLM
+    dt = getattr(torch, dtype)
+    if mod_state is None:
+        model = AutoModelForCausalLM.from_pretrained(dense_path, dtype=dt)
+    elif mod_path:
+        model = mod_train.from_pretrained_mod(mod_path, dtype=dt)
+    else:
+        model = mod_train.modify(AutoModelForCausalLM.from_pretrained(dense_path, dtype=dt), mod_train.MoDConfig())
+    if mod_state is not None:
+        model.load_state_dict(mod_state[1], strict=False)
+        model.set_mod_config(mod_train.MoDConfig.from_dict(mod_state[0]))
+    res = _prefill_decode(model.eval(), ids, n_decode, torch.device("cpu"), mod_state is not None)
+    queue.put(res["peak_bytes"])
+
+
+def _cpu_peak(dense_path, mod_path, dtype, mod, ids, n_decode) -> int:
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    state = None
+    if mod is not None:
+        state = (dict(mod.config.mod), {k: v.detach().clone() for k, v in mod.state_dict().items() if "router" in k})
+    p = ctx.Process(target=_memory_child, args=(dense_path, mod_path, dtype, state, ids.cpu(), n_decode, q))
+    p.start()
+    peak = q.get()
+    p.join()
+    return peak
+
+
+def _train_step(model, ids, device):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    _sync(device)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return time.perf_counter() - t0
+
+
+def run_bench(cfg: BenchConfig, progress=True) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mod_train
+    from mod_train.offline import smollm2_path
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = getattr(torch, cfg.dtype)
+    dense_path = cfg.dense or str(smollm2_path())
+    tok = AutoTokenizer.from_pretrained(dense_path)
+    dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=dtype).to(device).eval()
+    if cfg.mod:
+        mod = mod_train.from_pretrained_mod(cfg.mod, dtype=dtype).to(device).eval()
+    else:
+        mod = mod_train.modify(copy.deepcopy(dense), mod_train.MoDConfig()).eval()
+        g = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            for i in mod.routed_layers:
+                r = mod.model.layers[i].router
+                r.weight.copy_(torch.randn(r.weight.shape, generator=g) / r.weight.shape[1] ** 0.5)
+                r.bias.zero_()
+    max_len = max(cfg.lengths + list(cfg.train_lengths))
+    ids_all = real_token_ids(tok, max_len).to(device)
+    # thresholds are calibrated on the first 2k benchmark tokens: latency depends only on how many run
+    calib = ids_all[:, :2048]
+
+    # thresholds per target rate, calibrated once on the calibration text
+    thresholds = {}
+    for rate in cfg.rates:
+        thresholds[rate] = mod_train.calibrate_thresholds(mod, [{"input_ids": calib}], rate)
+
+    def use(rate):
+        mod.set_mod_config(mod_train.MoDConfig.from_dict({**mod.config.mod, "layer_thresholds": thresholds[rate]}))
+
+    results = {"config": asdict(cfg), "device": str(device), "model": dense_path, "rows": [], "train": []}
+    n_jobs = len(cfg.lengths) * (1 + len(cfg.rates)) + len(cfg.train_lengths) * (1 + len(cfg.rates))
+    bar = tqdm(total=n_jobs * cfg.repeats, disable=not progress, desc="bench")
+    for L in cfg.lengths:
+        ids = ids_all[:, :L]
+        best_d, best_m = None, {}
+        for _ in range(cfg.repeats):  # dense and MoD alternate inside each repeat
+            best_d = _best(best_d, _prefill_decode(dense, ids, cfg.decode_tokens, device, False))
+            bar.update(1)
+            for rate in cfg.rates:
+                use(rate)
+                best_m[rate] = _best(best_m.get(rate), _prefill_decode(mod, ids, cfg.decode_tokens, device, True))
+                bar.update(1)
+        if device.type == "cpu" and cfg.memory:
+            best_d["peak_bytes"] = _cpu_peak(dense_path, None, cfg.dtype, None, ids, cfg.decode_tokens)
+            for rate in cfg.rates:
+                use(rate)
+                best_m[rate]["peak_bytes"] = _cpu_peak(dense_path, cfg.mod, cfg.dtype, mod, ids, cfg.decode_tokens)
+        results["rows"] += [_row(dense.config, L, rate, best_d, best_m[rate]) for rate in cfg.rates]
+    for L in cfg.train_lengths:
+        ids = ids_all[:, :L]
+        td, tm = float("inf"), {}
+        for _ in range(cfg.repeats):
+            td = min(td, _train_step(dense, ids, device))
+            bar.update(1)
+            for rate in cfg.rates:
+                use(rate)
+                tm[rate] = min(tm.get(rate, float("inf")), _train_step(mod, ids, device))
+                bar.update(1)
+        for rate in cfg.rates:
+            use(rate)
+            with torch.no_grad():
+                rates = {i: v["rate"].item() for i, v in mod(input_ids=ids).routing.items()}
+            ideal = F.prefill_flops(dense.config, L, None, L) / F.prefill_flops(dense.config, L, rates, L)
+            results["train"].append(dict(length=L, target_rate=rate, realised_rate=_mean(rates), dense_s=td,
+                                         mod_s=tm[rate], speedup=td / tm[rate], ideal_speedup=ideal,
+                                         measured_over_ideal=(td / tm[rate]) / ideal))
+    bar.close()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "bench.png")
+    return results
+
+
+def _best(a, b):
+    """Best of two measurements, per quantity (times and memory: minimum)."""
+    if a is None:
+        return b
+    out = dict(b)
+    for key in ("prefill_s", "decode_s", "peak_bytes"):
+        if a[key] is not None:
+            out[key] = min(a[key], b[key])
+    return out
+
+
+def _mean(rates: dict) -> float:
+    return sum(rates.values()) / max(len(rates), 1)
+
+
+def _row(config, L, rate, d, m):
+    row = dict(length=L, target_rate=rate, realised_rate=_mean(m["rates"]), dense_prefill_s=d["prefill_s"],
+               mod_prefill_s=m["prefill_s"],
+               dense_decode_s=d["decode_s"], mod_decode_s=m["decode_s"], dense_kv_bytes=d["kv_bytes"],
+               mod_kv_bytes=m["kv_bytes"], dense_peak_bytes=d["peak_bytes"], mod_peak_bytes=m["peak_bytes"],
+               ideal_prefill_speedup=F.prefill_flops(config, L) / F.prefill_flops(config, L, m["rates"]),
+               ideal_decode_speedup=F.decode_flops(config, L) / F.decode_flops(config, L, m["rates"]),
+               ideal_kv_ratio=1 / F.kv_ratio(config, m["rates"]))
+    row["prefill_speedup"] = d["prefill_s"] / row["mod_prefill_s"]
+    row["prefill_measured_over_ideal"] = row["prefill_speedup"] / row["ideal_prefill_speedup"]
+    if row["mod_decode_s"]:
+        row["decode_speedup"] = d["decode_s"] / row["mod_decode_s"]
+    row["kv_ratio"] = row["dense_kv_bytes"] / max(row["mod_kv_bytes"], 1)
+    row["peak_ratio"] = row["dense_peak_bytes"] / max(row["mod_peak_bytes"], 1)
+    return row
+
+
+def table(results: dict) -> str:
+    """Markdown table of a bench run."""
+    lines = ["| ctx | target r | realised r | prefill dense s | prefill MoD s | speedup | ideal | meas/ideal "
+             "| decode dense ms | decode MoD ms | decode speedup | ideal | KV dense MB | KV MoD MB | KV ratio | ideal "
+             "| peak mem ratio |", "|" + "---|" * 17]
+    for r in results["rows"]:
+        dec_d = f"{1e3 * r['dense_decode_s']:.1f}" if r["dense_decode_s"] else "-"
+        dec_m = f"{1e3 * r['mod_decode_s']:.1f}" if r["mod_decode_s"] else "-"
+        lines.append(
+            f"| {r['length']} | {r['target_rate']} | {r['realised_rate']:.3f} | {r['dense_prefill_s']:.2f} | "
+            f"{r['mod_prefill_s']:.2f} | {r['prefill_speedup']:.2f}x | {r['ideal_prefill_speedup']:.2f}x | "
+            f"{r['prefill_measured_over_ideal']:.2f} | {dec_d} | {dec_m} | {r.get('decode_speedup', 0):.2f}x | "
+            f"{r['ideal_decode_speedup']:.2f}x | {r['dense_kv_bytes'] / 2**20:.1f} | {r['mod_kv_bytes'] / 2**20:.1f} | "
+            f"{r['kv_ratio']:.2f}x | {r['ideal_kv_ratio']:.2f}x | {r['peak_ratio']:.2f}x |")
+    if results.get("train"):
+        lines += ["", "| ctx | target r | realised r | fwd+bwd dense s | fwd+bwd MoD s | speedup | ideal | meas/ideal |",
+                  "|" + "---|" * 8]
+        for r in results["train"]:
+            lines.append(f"| {r['length']} | {r['target_rate']} | {r['realised_rate']:.3f} | {r['dense_s']:.2f} | "
+                         f"{r['mod_s']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                         f"{r['measured_over_ideal']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = results["rows"]
+    rates = sorted({r["target_rate"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for rate in rates:
+        rr = [r for r in rows if r["target_rate"] == rate]
+        L = [r["length"] for r in rr]
+        axes[0].plot(L, [r["prefill_speedup"] for r in rr], "o-", label=f"measured r={rate}")
+        axes[0].plot(L, [r["ideal_prefill_speedup"] for r in rr], "x--", alpha=0.6, label=f"ideal r={rate}")
+        axes[1].plot(L, [r.get("decode_speedup", 0) for r in rr], "o-", label=f"r={rate}")
+        axes[2].plot(L, [r["kv_ratio"] for r in rr], "o-", label=f"measured r={rate}")
+        axes[2].plot(L, [r["ideal_kv_ratio"] for r in rr], "x--", alpha=0.6, label=f"ideal r={rate}")
+    for ax, title in zip(axes, ["prefill speedup (dense/MoD)", "decode speedup per token", "KV-cache reduction"]):
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("context tokens")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"MoD vs dense, {results['model']} on {results['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
