@@ -90,6 +90,7 @@ def test_rows_mark_every_document_boundary(tmp_path, tok):
             rec = json.loads(line)
             docs[(s.name, rec["title"])] = tok(rec["text"], add_special_tokens=False)["input_ids"] + [0]
     n_pieces = 0
+    titles = pos_titles(r)
     for row in rows:
         ids, pos, did, lab, sid = (row[k] for k in TENSOR_KEYS)
         assert ids.shape == (256,) and ids.dtype == torch.long
@@ -105,8 +106,7 @@ def test_rows_mark_every_document_boundary(tmp_path, tok):
             name, _epoch, p, off = row["docs"][j]
             assert stream.source_names[sid[a]] == name
             # the piece is exactly the document's tokens at that offset (no mixing across documents)
-            title = [t for (s, t) in docs if s == name and t == _title_at(r, name, p, _epoch)][0]
-            assert ids[a:b].tolist() == docs[(name, title)][off:off + b - a]
+            assert ids[a:b].tolist() == docs[(name, titles[(name, _epoch, p)])][off:off + b - a]
             n_pieces += 1
         # attention allowed by doc_ids never crosses a document
         same = did[:, None] == did[None, :]
@@ -117,12 +117,16 @@ def test_rows_mark_every_document_boundary(tmp_path, tok):
     assert n_pieces > len(rows)  # rows do hold several documents
 
 
-def _title_at(r, name, pos, epoch):
+def pos_titles(r, epochs=(0, 1, 2), salt=0):
+    """(source, epoch, position) -> title, from the raw sources."""
     from mod_train.data.sources import RawSource, parse
-    i = [s.name for s in r.sources].index(name)
-    raw = RawSource(r, i, salt=0)
-    for p, e in raw.iter_epoch(epoch, pos):
-        return parse(e, r.sources[i])[0]
+    out = {}
+    for i, s in enumerate(r.sources):
+        raw = RawSource(r, i, salt=salt)
+        for e in epochs:
+            for p, entry in raw.iter_epoch(e, 0):
+                out[(s.name, e, p)] = parse(entry, s)[0]
+    return out
 
 
 def test_collate_batches_rows(tmp_path, tok):
@@ -217,10 +221,11 @@ def test_heldout_documents_are_whole_and_never_trained_on(tmp_path, tok):
     assert "l3" in titles and len(held) > 5 and {s for _, s, _ in held} <= {"short", "mid", "long"}
     assert all(text.startswith(t + " ") for t, _, text in held)  # whole documents, from their start
     train = take(PackedStream(r, tok), 150)
-    trained = {_title_at(r, n, p, e) for row in train for (n, e, p, _o) in row["docs"]}
-    assert trained and not trained & titles
+    by_pos = pos_titles(r, epochs=(0, 1))
+    trained = {by_pos[(n, e, p)] for row in train for (n, e, p, _o) in row["docs"]}
+    assert len(trained) > 50 and not trained & titles
     ho = list(PackedStream(r, tok, split="heldout", drop_last=False))
-    ho_titles = {_title_at(r, n, p, e) for row in ho for (n, e, p, _o) in row["docs"]}
+    ho_titles = {by_pos[(n, e, p)] for row in ho for (n, e, p, _o) in row["docs"]}
     assert ho_titles == titles
     assert len(heldout_documents(r, max_docs=3)) == 3
     assert is_heldout(r, "long", "l3", "anything")

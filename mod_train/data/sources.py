@@ -71,6 +71,9 @@ def _quiet_datasets():
     import datasets
     datasets.logging.set_verbosity_error()
     datasets.logging.disable_progress_bar()
+    # load_dataset("json"/"text"/"parquet") sends a download-count HEAD request to the hub on every
+    # call; offline, its DNS lookup can block for minutes. Local files need no network at all.
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 
 class RawSource:

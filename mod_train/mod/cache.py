@@ -3,7 +3,7 @@
 Dense layers store every token (padding included, as HF caches do). Routed layers store K/V only for
 the tokens that ran the layer, with their original positions, and each sequence of a batch has its
 own length there. Storage per layer is [B, Hkv, capacity, D] with per-row lengths; rows are filled
-left to right and capacity grows geometrically, so a decode step is O(1) amortised.
+left to right; capacity is exact after a prefill and grows by 1/8 (at least 256 slots) in decoding.
 
 `used` bytes count the stored tokens (what the cache holds); `allocated` bytes include the growth
 slack and, in batches, the rows' padding up to the longest row.
@@ -28,7 +28,8 @@ class _LayerKV:
             self._grow(B, H, D, n, k)
         need = int((self.length + n).max())
         if need > self.k.shape[2]:
-            self._grow(B, H, D, max(need, int(self.k.shape[2] * 1.5) + 16), k)
+            cap = self.k.shape[2]  # grow by 1/8 (>= 256 slots): bounded slack, O(1) amortised appends
+            self._grow(B, H, D, max(need, cap + max(256, cap // 8)), k)
         idx = self.length[:, None] + torch.arange(n, device=k.device)  # [B, n]
         i4 = idx[:, None, :, None].expand(B, H, n, D)
         self.k.scatter_(2, i4, k.to(self.k.dtype))
