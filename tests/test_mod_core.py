@@ -239,3 +239,26 @@ def test_unknown_architecture_lists_supported():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
         modify(gpt2, MoDConfig())
+
+
+def test_varlen_segments_match_masked_attention():
+    """The flash-attn varlen layout (used on GPU) computed on CPU: per-segment causal attention over the
+    flattened valid slots equals the masked SDPA path, for packed documents with padding."""
+    from mod_train.mod import attention as A
+    B, H, L, D = 2, 2, 12, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 0, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]])
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[1, :2] = False
+    s = A.Slots(pos, doc, valid)
+    ref = A.attend(q, k, v, s, s, D ** -0.5, True)
+    flat, cu, max_len = A.varlen_segments(s)
+    assert cu.tolist() == [0, 4, 7, 12, 18, 22] and max_len == 6
+    qf, kf, vf = (x.transpose(1, 2).reshape(B * L, H, D)[flat] for x in (q, k, v))
+    out = torch.zeros_like(qf)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        seg = [x[a:b].transpose(0, 1)[None] for x in (qf, kf, vf)]
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=D ** -0.5)[0].transpose(0, 1)
+    torch.testing.assert_close(out, ref.reshape(B * L, H, D)[flat], atol=1e-5, rtol=1e-5)
