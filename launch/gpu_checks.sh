@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One prepared GPU session (run on a CUDA machine from the repo root; writes to $OUT or runs/gpu):
+#  1. the CUDA tests (bf16 routed layers, cached decoding, flash-attn varlen when installed),
+#  2. bf16 ZeRO-3 training on CUDA through launch/adapt.py + export + reload,
+#  3. the efficiency benchmark at long context: SmolLM2-135M-shaped and a 1B Llama-shaped model
+#     (random weights: latency and memory do not depend on the weights; thresholds are calibrated).
+# Offline GPU boxes: put wheels in .whl/ (transformers 5.24, deepspeed sdist, ...) and the SmolLM2
+# tokenizer files in .gpu_tok/; they are installed to /tmp/site first.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
+PY=${PY:-python3}
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
+    (mkdir -p /tmp/ds && tar xzf .whl/deepspeed-*.tar.gz -C /tmp/ds && cd /tmp/ds/deepspeed-* && \
+     DS_BUILD_OPS=0 $PY -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . ) \
+     > "$OUT/ds_install.log" 2>&1 || echo "deepspeed install failed (see ds_install.log)"
+  fi
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+TOK=${TOK:-.gpu_tok}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+echo "== 1. CUDA tests"
+$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_generation.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
+
+echo "== random-weight models"
+$PY - "$TOK" <<'PY'
+import sys, shutil, torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+tok = sys.argv[1]
+smol = AutoConfig.from_pretrained(tok)
+big = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                  tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+smol.max_position_embeddings = 32768
+for name, cfg in (("smol", smol), ("llama1b", big)):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    m.save_pretrained(f"/tmp/{name}")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tok}/{f}", f"/tmp/{name}/{f}")
+    print(name, sum(p.numel() for p in m.parameters()) / 1e6, "M params")
+PY
+
+echo "== 2. bf16 ZeRO-3 on CUDA (launch/adapt.py, one GPU) + export + reload"
+timeout 240 $PY launch/adapt.py --ds ds_configs/zero3.json --model /tmp/smol --recipe synthetic --out /tmp/z3 \
+  --train.max_steps 12 --train.precision bf16 --train.seq_len 2048 --train.save_every 6 --train.progress false \
+  --mod.target_rate 0.25 --mod.target_weight 5.0 > "$OUT/zero3.log" 2>&1; echo "adapt rc=$?" | tee -a "$OUT/zero3.log"
+tail -3 /tmp/z3/metrics.jsonl > "$OUT/zero3_metrics.jsonl" 2>/dev/null
+$PY launch/export.py /tmp/z3 /tmp/z3-hf >> "$OUT/zero3.log" 2>&1 && $PY - <<'PY' 2>&1 | tee -a "$OUT/zero3.log"
+import torch, mod_train
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained("/tmp/z3-hf").cuda()
+r = m.model.layers[m.routed_layers[0]].router
+print("exported", type(m).__name__, "router weight norm", r.weight.float().norm().item(), "bias", r.bias.item())
+ids = torch.randint(0, 49152, (1, 512), device="cuda")
+print("generate", m.generate(ids[:, :16], max_new_tokens=8, do_sample=False).shape)
+PY
+
+echo "== 3. efficiency benchmark (bf16)"
+timeout 200 $PY launch/bench.py --dense /tmp/smol --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
+  --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out "$OUT/bench_smol" 2>&1 | grep -v "bench:" | tail -20
+timeout 200 $PY launch/bench.py --dense /tmp/llama1b --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
+  --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out "$OUT/bench_1b" 2>&1 | grep -v "bench:" | tail -20
+ls -R "$OUT"
