@@ -9,23 +9,24 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1   # one log file: the device tool returns at most 8 files
 PY=${PY:-python3}
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
     (mkdir -p /tmp/ds && tar xzf .whl/deepspeed-*.tar.gz -C /tmp/ds && cd /tmp/ds/deepspeed-* && \
      DS_BUILD_OPS=0 $PY -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . ) \
-     > "$OUT/ds_install.log" 2>&1 || echo "deepspeed install failed (see ds_install.log)"
+     > /tmp/ds_install.log 2>&1 || echo "deepspeed install failed (tail follows)"; tail -5 /tmp/ds_install.log; echo ""
   fi
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 TOK=${TOK:-.gpu_tok}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 echo "== 1. CUDA tests"
-$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_generation.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
+$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_generation.py 2>&1 | tail -5
 
 echo "== random-weight models"
 $PY - "$TOK" <<'PY'
@@ -50,9 +51,9 @@ PY
 echo "== 2. bf16 ZeRO-3 on CUDA (launch/adapt.py, one GPU) + export + reload"
 timeout 240 $PY launch/adapt.py --ds ds_configs/zero3.json --model /tmp/smol --recipe synthetic --out /tmp/z3 \
   --train.max_steps 12 --train.precision bf16 --train.seq_len 2048 --train.save_every 6 --train.progress false \
-  --mod.target_rate 0.25 --mod.target_weight 5.0 > "$OUT/zero3.log" 2>&1; echo "adapt rc=$?" | tee -a "$OUT/zero3.log"
-tail -3 /tmp/z3/metrics.jsonl > "$OUT/zero3_metrics.jsonl" 2>/dev/null
-$PY launch/export.py /tmp/z3 /tmp/z3-hf >> "$OUT/zero3.log" 2>&1 && $PY - <<'PY' 2>&1 | tee -a "$OUT/zero3.log"
+  --mod.target_rate 0.25 --mod.target_weight 5.0 > /tmp/zero3.log 2>&1; echo "adapt rc=$?"; tail -15 /tmp/zero3.log
+tail -3 /tmp/z3/metrics.jsonl
+$PY launch/export.py /tmp/z3 /tmp/z3-hf 2>&1 | tail -3 && $PY - <<'PY' 2>&1
 import torch, mod_train
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained("/tmp/z3-hf").cuda()
@@ -64,7 +65,9 @@ PY
 
 echo "== 3. efficiency benchmark (bf16)"
 timeout 200 $PY launch/bench.py --dense /tmp/smol --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
-  --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out "$OUT/bench_smol" 2>&1 | grep -v "bench:" | tail -20
+  --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out /tmp/bench_smol 2>&1 | grep -v "bench:" | tail -20
+cp /tmp/bench_smol/bench.json "$OUT/bench_smol.json"; cp /tmp/bench_smol/bench.png "$OUT/bench_smol.png"
 timeout 200 $PY launch/bench.py --dense /tmp/llama1b --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
-  --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out "$OUT/bench_1b" 2>&1 | grep -v "bench:" | tail -20
-ls -R "$OUT"
+  --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out /tmp/bench_1b 2>&1 | grep -v "bench:" | tail -20
+cp /tmp/bench_1b/bench.json "$OUT/bench_1b.json"; cp /tmp/bench_1b/bench.png "$OUT/bench_1b.png"
+ls "$OUT"
