@@ -1,0 +1,179 @@
+"""Evaluation: windowed perplexity equals a hand-computed loss; the report (tables, PNGs, json) from a tiny
+model and tiny local held-out documents; launch/eval.py end to end on a saved MoD model."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import randomize_routers, tiny_model
+from harness import make_tiny_model_with_tokenizer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _docs(n, lo, hi, seed):
+    rng = random.Random(seed)
+    words = ("the of and to in a is that for it as was with be by on not he this are or his from at which "
+             "def return class import self if else while yield").split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny dense model + tokenizer, a recipe with 4 held-out documents (2 evaluated, 2 for calibration)."""
+    d = tmp_path_factory.mktemp("eval")
+    docs = _docs(12, 150, 400, 0)
+    with open(d / "books.jsonl", "w") as f:
+        for i, t in enumerate(docs):
+            f.write(json.dumps({"title": f"doc{i}", "text": t}) + "\n")
+    model = make_tiny_model_with_tokenizer(d / "dense", docs, max_pos=512)
+    recipe = d / "recipe.yaml"
+    recipe.write_text(f"""name: tiny-eval
+tokenizer: {model}
+stages:
+  - seq_len: 64
+sources:
+  - name: books
+    type: jsonl
+    path: {d / 'books.jsonl'}
+heldout:
+  titles: [doc1, doc4, doc7, doc9]
+""")
+    return d, model, str(recipe)
+
+
+def _manual_ppl(model, docs, L):
+    nll, n = 0.0, 0
+    for ids in docs:
+        ids = torch.tensor(ids)
+        for s in range(0, len(ids), L):
+            w = ids[s:s + L][None]
+            if w.shape[1] < 2:
+                continue
+            with torch.no_grad():
+                logits = model(input_ids=w).logits[0, :-1].double()
+            lp = torch.log_softmax(logits, -1)
+            nll -= float(lp[torch.arange(w.shape[1] - 1), w[0, 1:]].sum())
+            n += w.shape[1] - 1
+    return math.exp(nll / n), n
+
+
+@pytest.mark.parametrize("kind", ["dense", "mod"])
+def test_perplexity_equals_exp_mean_token_loss(kind):
+    from mod_train import MoDConfig, modify
+    from mod_train.eval import RoutingStats, perplexity
+    model = tiny_model(layers=4, seed=1)
+    if kind == "mod":
+        model = randomize_routers(modify(model, MoDConfig(layers="odd")), std=2.0).eval()
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (70, 33, 5)]
+    st = RoutingStats()
+    res = perplexity(model, docs, 32, st)
+    ref, n = _manual_ppl(model, docs, 32)
+    assert res.tokens == n == (31 + 31 + 5) + (31 + 0) + 4  # 70 = 32+32+6, 33 = 32+1 (1-token window dropped), 5
+    assert res.ppl == pytest.approx(ref, rel=1e-5)
+    if kind == "mod":
+        assert set(st.layers) == {1, 3}
+        rates = [s.rate for s in st.layers.values()]
+        assert all(0.05 < r < 0.95 for r in rates), rates  # both kinds of tokens: the routed path was exercised
+        # rates equal the model's own routing output, token weighted over the windows
+        sel = {1: 0, 3: 0}
+        tot = 0
+        for ids in docs:
+            for s in range(0, len(ids), 32):
+                w = torch.tensor(ids[s:s + 32])[None]
+                if w.shape[1] < 2:
+                    continue
+                with torch.no_grad():
+                    out = model(input_ids=w)
+                for j in sel:
+                    sel[j] += float(out.routing[j]["rate"]) * w.shape[1]
+                tot += w.shape[1]
+        for j in sel:
+            assert st.layers[j].rate == pytest.approx(sel[j] / tot, abs=1e-6)
+        assert st.sample_map.shape == (2, 32)
+
+
+def _check_png(path):
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000, path
+    import matplotlib.image
+    assert matplotlib.image.imread(str(path)).ndim == 3
+
+
+def test_eval_report(tiny_setup, tmp_path):
+    """Report on a MoD model with token-dependent gates: tables, PNGs, json; calibration on other documents."""
+    from transformers import AutoModelForCausalLM
+    from mod_train import MoDConfig, modify
+    from mod_train.eval import EvalConfig, run_eval
+    _, model, recipe = tiny_setup
+    mod = randomize_routers(modify(AutoModelForCausalLM.from_pretrained(model), MoDConfig(layers="odd")), std=300.0,
+                            bias=2.0)
+    mod.save_pretrained(tmp_path / "mod")
+    out = tmp_path / "report"
+    res = run_eval(EvalConfig(dense=model, mod=str(tmp_path / "mod"), recipe=recipe, out=str(out), lengths=[32, 128],
+                              max_docs=2, targets=[1.0, 0.5, 0.25], calib_docs=2, calib_tokens=256, progress=False))
+    assert [d["title"] for d in res["docs"]] == ["doc1", "doc4"]
+    assert {d["title"] for d in res["calibration_docs"]} == {"doc7", "doc9"}  # never the evaluated ones
+    for L in ("32", "128"):
+        r = res["ppl"][L]
+        assert 0.5 < r["mod"]["rate"] < 1.0 and r["dense"]["tokens"] == r["mod"]["tokens"] > 0
+        assert math.isfinite(r["mod"]["ppl"]) and math.isfinite(r["dense"]["ppl"])
+    assert res["prefill"]["mod"]["kv_bytes"] < res["prefill"]["dense"]["kv_bytes"]
+    pts = res["sweep"]["points"]
+    assert [p["target"] for p in pts] == [1.0, 0.5, 0.25]
+    # target 1: p = 1e-12, every token runs except the few whose gate underflows (std=300 routers)
+    assert pts[0]["rate"] > 0.97 and pts[0]["kv_measured"] > 0.97
+    assert pts[0]["rate"] > pts[1]["rate"] > pts[2]["rate"] > 0
+    for p in pts:  # measured KV follows the ideal 1 - rho (1 - r) (rho = 1/2); rates differ between docs a little
+        assert p["kv_measured"] == pytest.approx(p["kv_ideal"], abs=0.15)
+        assert abs(p["rate"] - p["target"]) < 0.2  # calibrated on other documents: close, not exact
+    md = (out / "report.md").read_text()
+    for head in ("## Perplexity", "## Routing per layer", "## KV cache and prefill",
+                 "## Quality against KV memory", "| context | dense ppl | MoD ppl |", "| layer | rate @32 | rate @128 |"):
+        assert head in md, head
+    rows = [ln for ln in md.splitlines() if ln.startswith("| 32 |") or ln.startswith("| 128 |")]
+    assert len(rows) == 2 and f"{res['ppl']['32']['dense']['ppl']:.3f}" in rows[0]
+    assert sum(ln.startswith(("| 1 |", "| 3 |")) for ln in md.splitlines()) == 2  # routed layers 1 and 3
+    assert sum(ln.startswith(("| 1.0 |", "| 0.5 |", "| 0.25 |")) for ln in md.splitlines()) == 3
+    for name in ("rate_per_layer.png", "routing_map.png", "gate_hist.png", "quality_vs_kv.png"):
+        assert f"]({name})" in md
+        _check_png(out / name)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["ppl"]["32"]["dense"]["ppl"] == pytest.approx(res["ppl"]["32"]["dense"]["ppl"])
+    # the model's own routing is what the per-length tables show (the sweep restores its thresholds)
+    assert saved["mod_config"]["layer_thresholds"] == {}
+
+
+def test_launch_eval_untrained_conversion(tiny_setup, tmp_path, capsys):
+    """launch/eval.py --mod-from-dense (router_init dense: every gate 0.95, all tokens run); whole documents,
+    the dense ppl matches perplexity() computed directly."""
+    import importlib.util
+    from pathlib import Path
+    from transformers import AutoModelForCausalLM
+    from mod_train.data import heldout_documents, load_recipe, load_tokenizer
+    from mod_train.eval import perplexity
+    _, dense_dir, recipe = tiny_setup
+    spec = importlib.util.spec_from_file_location("eval_cli", Path(__file__).resolve().parents[1] / "launch/eval.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "r"
+    assert cli.main(["--dense", dense_dir, "--mod-from-dense", "--mod-overrides", '{"router_init": "dense"}',
+                     "--recipe", recipe, "--out", str(out),
+                     "--lengths", "64", "--max-docs", "1", "--targets", "0.5", "--progress", "false"]) == 0
+    assert "report written" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["ppl"]["64"]["mod"]["rate"] == 1.0
+    assert res["prefill"]["mod"]["kv_bytes"] == res["prefill"]["dense"]["kv_bytes"]
+    assert len(res["sweep"]["points"]) == 1  # equal gates tie: calibration cannot split them (reported)
+    assert "gates are (nearly) equal" in (out / "report.md").read_text()
+    rec = load_recipe(recipe)
+    tok = load_tokenizer(rec)
+    ids = tok(heldout_documents(rec, 1)[0][2], add_special_tokens=False).input_ids
+    assert res["docs"][0]["tokens"] == len(ids)  # the whole document
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    assert res["ppl"]["64"]["dense"]["ppl"] == pytest.approx(perplexity(dense, [ids], 64).ppl, rel=1e-6)
+    _check_png(out / "rate_per_layer.png")
