@@ -90,3 +90,9 @@ def test_zero3_router_init_save_load_export(tiny, tmp_path):
     for n, v in r0["after"].items():
         torch.testing.assert_close(dict(m.named_parameters())[n].detach().float(), v)
     assert json.loads((tmp_path / "hf" / "mod_train_export.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow
+def test_zero3_with_activation_checkpointing_matches_reference(tiny, reference, tmp_path):
+    run_ranks(train_worker, 2, tiny, tmp_path, "ds_configs/zero3.json", {"grad_checkpointing": True})
+    assert_same_curve(reference, losses(tmp_path))
