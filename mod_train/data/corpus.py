@@ -141,9 +141,13 @@ def debian_docs(package: str = DEBIAN_DOC_PACKAGE) -> Iterator[tuple[str, str]]:
         files = sorted(set(glob.glob(os.path.join(tmp, "x", "**", "_sources", "**", "*.rst.txt"), recursive=True)))
         if not files:
             raise CorpusError(f"{package}: no reStructuredText sources found in the package")
+        seen = set()  # the package ships the same sources under several folders (html, devhelp, ...)
         for p in files:
-            with open(p, "rb") as f:
-                yield p.split("_sources/", 1)[1][: -len(".rst.txt")], normalise(f.read())
+            title = p.split("_sources/", 1)[1][: -len(".rst.txt")]
+            if title not in seen:
+                seen.add(title)
+                with open(p, "rb") as f:
+                    yield title, normalise(f.read())
 
 
 def _write_jsonl(path: Path, source: str, docs) -> dict:
