@@ -8,8 +8,9 @@ Every configuration trains through the real trainer (DeepSpeed engine, AdamW, th
 their steps interleaved (dense, MoD r1, MoD r2, dense, ...), so machine load hits all of them alike;
 tokens/s = seq_len / median timed step. MoD runs get
 token-dependent routers (random weights, zero bias) whose per-layer thresholds are calibrated on
-the run's first rows to the requested execution rate (mod_train.calibrate_thresholds), with alpha=0
-so the rate stays where it was put; the realised rate during the timed steps is reported.
+the rows the benchmark trains on to the requested execution rate (mod_train.calibrate_thresholds),
+with alpha=0 and (by default) router lr 1e-12 so the rate stays where it was put; every other
+parameter trains exactly as in the dense run. The realised rate of the timed steps is reported.
 Default model: the offline SmolLM2-135M (30 layers, 15 routed: odd layers).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def calibrate(t, rate, torch, collate, calibrate_thresholds):
+def calibrate(t, rate, torch, collate, calibrate_thresholds, n_rows=2):
     """Token-dependent routers (random weights, zero bias) with per-layer thresholds at `rate`."""
     m = t.model
     g = torch.Generator().manual_seed(0)
@@ -36,10 +37,11 @@ def calibrate(t, rate, torch, collate, calibrate_thresholds):
             r.weight.copy_(torch.randn(r.weight.shape, generator=g) / r.weight.shape[1] ** 0.5)
             r.bias.zero_()
     st = t.stream
-    if hasattr(st, "row"):  # synthetic: held-out rows that training never sees
-        rows = [type(st)(st.seq_len, st.vocab, seed=st.seed + 99).row(i) for i in range(2)]
+    if hasattr(st, "row"):  # synthetic: the rows this benchmark trains on, so the realised rate is the target
+        rows = [st.row(i) for i in range(n_rows)]
     else:
-        rows = [next(st) for _ in range(2)]
+        fresh = type(st)(st.recipe, st.tok, st.dp_rank, st.dp_world, st.seq_len)
+        rows = [next(fresh) for _ in range(n_rows)]
     b = collate(rows)
     calibrate_thresholds(m, [{"input_ids": b["input_ids"], "position_ids": b["position_ids"]}], rate)
 
@@ -52,6 +54,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     ap.add_argument("--rates", default="0.5,0.125", help="target execution rates of the routed layers")
+    ap.add_argument("--freeze-routers", type=int, default=1,
+                    help="1: routers get lr 1e-12 (still in the optimizer) so the calibrated rate holds")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--ds", default="ds_configs/zero1.json")
     ap.add_argument("--out", default="runs/bench_train")
@@ -76,13 +80,14 @@ def main(argv=None):
     trainers = []
     for name, rate in configs:
         tc = TrainConfig(max_steps=a.warmup + a.steps, seq_len=a.seq_len, precision=a.precision, lr=1e-5,
-                         warmup_steps=0, save_every=0, wandb="disabled", progress=False, per_source_loss=False)
+                         router_lr=1e-12 if a.freeze_routers else None, warmup_steps=0, save_every=0,
+                         wandb="disabled", progress=False, per_source_loss=False)
         mc = MoDConfig(router_init="zero", alpha=0.0, threshold=0.5)
         t = Trainer(RunSpec(model=model, out=str(out / name), ds=a.ds, recipe=a.recipe, dense=rate is None),
                     tc, None if rate is None else mc)
         t.setup()
         if rate is not None:
-            calibrate(t, rate, torch, collate, calibrate_thresholds)
+            calibrate(t, rate, torch, collate, calibrate_thresholds, n_rows=a.warmup + a.steps)
         trainers.append((name, rate, t))
         gc.collect()
     # interleave the configurations step by step so that they see the same machine load
