@@ -262,3 +262,32 @@ def test_varlen_segments_match_masked_attention():
         seg = [x[a:b].transpose(0, 1)[None] for x in (qf, kf, vf)]
         out[a:b] = torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=D ** -0.5)[0].transpose(0, 1)
     torch.testing.assert_close(out, ref.reshape(B * L, H, D)[flat], atol=1e-5, rtol=1e-5)
+
+
+def test_aux_loss_trains_routers_only():
+    m = randomize_routers(modify(tiny_model(), MoDConfig(alpha=1.0)))
+    m.train()
+    ids, _ = _batch(pad=False)
+    out = m(input_ids=ids)
+    out.aux_loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("router" in n for n in grads), sorted(grads)
+
+
+def test_router_probe_orders_tokens_by_layer_importance():
+    from mod_train import fit_routers_to_importance
+    from mod_train.mod.layer import dense_layer
+    m = modify(tiny_model(layers=4), MoDConfig(layers=[1, 3]))
+    ids, _ = _batch(B=4, S=64, pad=False, seed=3)
+    r2 = fit_routers_to_importance(m, [{"input_ids": ids}])
+    assert set(r2) == {1, 3} and all(v > 0.1 for v in r2.values()), r2  # SmolLM2: 0.8-0.98
+    with torch.no_grad():
+        h, meta = m.mod_embed(ids)
+        h = m.mod_layer(0, h, meta)[0]
+        layer = m.model.layers[1]
+        imp = ((dense_layer(layer, 1, h, meta, m.config) - h).norm(dim=-1) / h.norm(dim=-1)).log().flatten()
+        gate = torch.sigmoid(layer.router(h)).flatten()
+        out = m(input_ids=ids)
+    corr = torch.corrcoef(torch.stack([imp, gate]))[0, 1]
+    assert corr > 0.3, corr
+    assert all(v["rate"].item() > 0.95 for v in out.routing.values())  # still starts close to dense

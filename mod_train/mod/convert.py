@@ -223,3 +223,47 @@ def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] |
         hs = [model.mod_layer(i, h, meta)[0] for h, meta in zip(hs, metas)]
     model.train(was_training)
     return thresholds
+
+
+@torch.no_grad()
+def fit_routers_to_importance(model, batches, ridge: float = 1e-3) -> dict[int, float]:
+    """Data-driven router initialisation (ours; the paper leaves router init open).
+
+    For each routed layer, in order, the router becomes a ridge-regression probe of how much the layer
+    changes each token: y = log(||f(h)|| / ||h||), f = the layer's full (unrouted) update. Tokens the layer
+    barely changes get low gates, so a threshold skips them first. The probe output is standardised and
+    centred on the configured init logit, so at p = 0.5 nearly every token still runs and the model starts
+    close to the original; training and `calibrate_thresholds` then set the rate. Returns the probe's R^2
+    per layer. `batches`: dicts with input_ids (and optional attention_mask)."""
+    from mod_train.mod.layer import dense_layer
+    cfg = model.mod_config
+    was_training = model.training
+    model.eval()
+    states = [model.mod_embed(b["input_ids"], b.get("attention_mask")) for b in batches]
+    hs, metas = [s[0] for s in states], [s[1] for s in states]
+    fit = {}
+    for i in range(model.config.num_hidden_layers):
+        layer = model.model.layers[i]
+        if hasattr(layer, "router"):
+            xs, ys = [], []
+            for h, meta in zip(hs, metas):
+                upd = dense_layer(layer, i, h, meta, model.config) - h
+                y = torch.log(upd.float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-6))
+                x = layer.input_layernorm(h) if cfg.router_input == "norm" else h
+                keep = meta.slots.valid if meta.slots.valid is not None else torch.ones_like(y, dtype=torch.bool)
+                xs.append(x.float()[keep].double())
+                ys.append(y[keep].double())
+            X, y = torch.cat(xs), torch.cat(ys)
+            mx, my = X.mean(0), y.mean()
+            Xc, yc = X - mx, y - my
+            A = Xc.T @ Xc + ridge * Xc.pow(2).sum() / X.shape[1] * torch.eye(X.shape[1], dtype=X.dtype)
+            w = torch.linalg.solve(A, Xc.T @ yc)
+            pred = Xc @ w
+            fit[i] = float(1 - (yc - pred).pow(2).sum() / yc.pow(2).sum().clamp(min=1e-12))
+            scale = 1.0 / pred.std().clamp(min=1e-6)
+            r = layer.router
+            r.weight.copy_((w * scale).to(r.weight.dtype)[None])
+            r.bias.fill_(float(cfg.init_logit() - (mx @ w) * scale))
+        hs = [model.mod_layer(i, h, meta)[0] for h, meta in zip(hs, metas)]
+    model.train(was_training)
+    return fit

@@ -114,7 +114,10 @@ class MoDMixin:
                 return checkpoint(dense_layer, layer, i, h, meta, self.config, use_reentrant=False), None
             return dense_layer(layer, i, h, meta, self.config), None
         cfg = self.mod_config
-        z = layer.router(layer.input_layernorm(h) if cfg.router_input == "norm" else h)
+        x = layer.input_layernorm(h) if cfg.router_input == "norm" else h
+        z = layer.router(x)
+        # the aux losses read a second evaluation on the detached input (a d-dim dot product per token)
+        z_aux = layer.router(x.detach()) if torch.is_grad_enabled() and x.requires_grad else None
         causal = self._causal_routing(meta)
         sel = R.select(z, meta.slots.valid, cfg, i, causal)
         w = R.block_weight(z, cfg)
@@ -124,7 +127,7 @@ class MoDMixin:
             fn, args = routed_layer_fast, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config, _distributed())
         h = checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
         p = cfg.threshold_for(i) if cfg.routing == "threshold" else 0.5
-        return h, R.RouteTerms(i, z, sel, meta.slots.valid, p)
+        return h, R.RouteTerms(i, z, sel, meta.slots.valid, p, z_aux)
 
     def mod_head(self, h: torch.Tensor, labels=None, meta: StepMeta | None = None, logits_to_keep=0):
         """Final norm + LM head; LM loss where labels are given. Padding and the first token of each

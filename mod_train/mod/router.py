@@ -16,6 +16,8 @@ G_j: mean gate over valid tokens):
     be guessed. S_j is a smooth proxy of the rate centred on the layer's threshold (S_j = G_j at
     p = 0.5), so the term moves the tokens near the decision boundary.
   top-k BCE:            w_bce * BCE(sigmoid(z), selected)
+The auxiliary terms see z computed from the detached router input, so they move the routers only and
+never bend the base model's hidden states towards smaller gates; the LM loss reaches both through g.
 """
 from __future__ import annotations
 
@@ -57,6 +59,11 @@ class RouteTerms:
     selected: torch.Tensor  # bool [B, S]
     valid: torch.Tensor | None  # bool [B, S] or None (all valid)
     threshold: float
+    aux_logits: torch.Tensor | None = None  # z from the detached router input: aux losses train routers only
+
+    @property
+    def for_aux(self) -> torch.Tensor:
+        return self.logits if self.aux_logits is None else self.aux_logits
 
 
 def select(z: torch.Tensor, valid: torch.Tensor | None, cfg: MoDConfig, layer: int, causal: bool) -> torch.Tensor:
@@ -99,14 +106,15 @@ def aux_loss(terms: list[RouteTerms], cfg: MoDConfig, training_topk: bool) -> to
         return torch.zeros(())
     total = terms[0].logits.new_zeros(())
     for t in terms:
-        gate = torch.sigmoid(t.logits)
+        z = t.for_aux
+        gate = torch.sigmoid(z)
         rate = _masked_mean(t.selected.float(), t.valid).detach()
         if cfg.routing == "topk":
             if training_topk and cfg.topk_bce_weight > 0:
-                bce = F.binary_cross_entropy_with_logits(t.logits, t.selected.float(), reduction="none")
+                bce = F.binary_cross_entropy_with_logits(z, t.selected.float(), reduction="none")
                 total = total + cfg.topk_bce_weight * _masked_mean(bce, t.valid)
         elif cfg.target_rate is not None:
-            soft = torch.sigmoid(t.logits - math.log(t.threshold / (1 - t.threshold)))
+            soft = torch.sigmoid(z - math.log(t.threshold / (1 - t.threshold)))
             total = total + cfg.target_weight * (rate - cfg.target_rate) * _masked_mean(soft, t.valid)
         elif cfg.alpha > 0:
             total = total + cfg.alpha * rate * _masked_mean(gate, t.valid)

@@ -25,9 +25,10 @@ def build_model(model_path: str, mod_cfg, ds: dict, dtype=torch.float32):
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     else:
-        from mod_train.mod.convert import from_pretrained_mod, init_routers
+        from mod_train.mod.convert import from_pretrained_mod
+        # a dense checkpoint gets freshly initialised routers (gathered under ZeRO-3); a MoD checkpoint
+        # (e.g. routers fitted by fit_routers_to_importance, or a trained model) keeps its own
         model = from_pretrained_mod(model_path, mod_cfg, dtype=dtype)
-        init_routers(model, mod_cfg)
     return model, keep
 
 
