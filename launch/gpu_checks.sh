@@ -49,7 +49,7 @@ for name, cfg in (("smol", smol), ("llama1b", big)):
 PY
 
 echo "== 2. bf16 ZeRO-3 on CUDA (launch/adapt.py, one GPU) + export + reload"
-timeout 240 $PY launch/adapt.py --ds ds_configs/zero3.json --model /tmp/smol --recipe synthetic --out /tmp/z3 \
+timeout 150 $PY launch/adapt.py --ds ds_configs/zero3.json --model /tmp/smol --recipe synthetic --out /tmp/z3 \
   --train.max_steps 12 --train.precision bf16 --train.seq_len 2048 --train.save_every 6 --train.progress false \
   --mod.target_rate 0.25 --mod.target_weight 5.0 > /tmp/zero3.log 2>&1; echo "adapt rc=$?"; tail -15 /tmp/zero3.log
 tail -3 /tmp/z3/metrics.jsonl
@@ -64,10 +64,10 @@ print("generate", m.generate(ids[:, :16], max_new_tokens=8, do_sample=False).sha
 PY
 
 echo "== 3. efficiency benchmark (bf16)"
-timeout 200 $PY launch/bench.py --dense /tmp/smol --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
+timeout 150 $PY launch/bench.py --dense /tmp/smol --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
   --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out /tmp/bench_smol 2>&1 | grep -v "bench:" | tail -20
 cp /tmp/bench_smol/bench.json "$OUT/bench_smol.json"; cp /tmp/bench_smol/bench.png "$OUT/bench_smol.png"
-timeout 200 $PY launch/bench.py --dense /tmp/llama1b --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
+timeout 150 $PY launch/bench.py --dense /tmp/llama1b --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
   --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out /tmp/bench_1b 2>&1 | grep -v "bench:" | tail -20
 cp /tmp/bench_1b/bench.json "$OUT/bench_1b.json"; cp /tmp/bench_1b/bench.png "$OUT/bench_1b.png"
 ls "$OUT"
