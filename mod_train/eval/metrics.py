@@ -96,12 +96,7 @@ def final_hidden(model, ids: torch.Tensor, stats: RoutingStats | None = None) ->
     """Last hidden states after the final norm, [B, S, d], for a dense HF or a MoD model."""
     if not is_mod(model):
         return model.model(input_ids=ids).last_hidden_state
-    h, meta = model.mod_embed(ids)
-    terms = []
-    for i in range(model.config.num_hidden_layers):
-        h, t = model.mod_layer(i, h, meta)
-        if t is not None:
-            terms.append(t)
+    h, terms = model.mod_stack(*model.mod_embed(ids))
     if stats is not None:
         stats.add(terms)
     return model.model.norm(h)

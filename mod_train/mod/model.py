@@ -129,6 +129,16 @@ class MoDMixin:
         p = cfg.threshold_for(i) if cfg.routing == "threshold" else 0.5
         return h, R.RouteTerms(i, z, sel, meta.slots.valid, p, z_aux)
 
+    def mod_stack(self, h: torch.Tensor, meta: StepMeta) -> tuple[torch.Tensor, list[R.RouteTerms]]:
+        """All decoder layers; returns the last hidden states (before the final norm) and the routed
+        layers' terms."""
+        terms = []
+        for i in range(self.config.num_hidden_layers):
+            h, t = self.mod_layer(i, h, meta)
+            if t is not None:
+                terms.append(t)
+        return h, terms
+
     def mod_head(self, h: torch.Tensor, labels=None, meta: StepMeta | None = None, logits_to_keep=0):
         """Final norm + LM head; LM loss where labels are given. Padding and the first token of each
         packed document are never predicted (no loss across a document boundary)."""
@@ -157,11 +167,7 @@ class MoDMixin:
         if use_cache and cache is None:
             cache = MoDCache(self.config.num_hidden_layers)
         h, meta = self.mod_embed(input_ids, attention_mask, position_ids, doc_ids, inputs_embeds, cache)
-        terms = []
-        for i in range(self.config.num_hidden_layers):
-            h, t = self.mod_layer(i, h, meta)
-            if t is not None:
-                terms.append(t)
+        h, terms = self.mod_stack(h, meta)
         if cache is not None:
             cache.seen += h.shape[1]
         logits, lm_loss = self.mod_head(h, labels, meta, logits_to_keep)
