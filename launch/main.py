@@ -72,9 +72,10 @@ def run_main(job: dict) -> str:
     def done(name):
         times[name] = time.time() - times[name]
 
-    phase("offline corpus")
-    fetch_corpus()
-    done("offline corpus")
+    if job.get("fetch_corpus", True):
+        phase("offline corpus")
+        fetch_corpus()
+        done("offline corpus")
 
     phase("dense model")
     model_path = job["model"]
