@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def calibrate(t, rate, torch, collate, calibrate_thresholds, n_rows=2):
-    """Token-dependent routers (random weights, zero bias) with per-layer thresholds at `rate`."""
-    m = t.model
+def calibrate(t, m, rate, torch, collate, calibrate_thresholds, n_rows=2):
+    """Token-dependent routers (random weights, zero bias) with per-layer thresholds at `rate`.
+    Runs before deepspeed.initialize (Trainer.before_engine) so the engine's fp32 master copy has them."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i in m.routed_layers:
@@ -83,11 +83,11 @@ def main(argv=None):
                          router_lr=1e-12 if a.freeze_routers else None, warmup_steps=0, save_every=0,
                          wandb="disabled", progress=False, per_source_loss=False)
         mc = MoDConfig(router_init="zero", alpha=0.0, threshold=0.5)
+        hook = None if rate is None else (lambda tr, m, rate=rate: calibrate(
+            tr, m, rate, torch, collate, calibrate_thresholds, n_rows=a.warmup + a.steps))
         t = Trainer(RunSpec(model=model, out=str(out / name), ds=a.ds, recipe=a.recipe, dense=rate is None),
-                    tc, None if rate is None else mc)
+                    tc, None if rate is None else mc, before_engine=hook)
         t.setup()
-        if rate is not None:
-            calibrate(t, rate, torch, collate, calibrate_thresholds, n_rows=a.warmup + a.steps)
         trainers.append((name, rate, t))
         gc.collect()
     # interleave the configurations step by step so that they see the same machine load

@@ -119,9 +119,12 @@ class StopFlag:
 # -- the trainer -----------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, spec: RunSpec, tc: TrainConfig, mod_cfg=None, after_setup=None):
+    def __init__(self, spec: RunSpec, tc: TrainConfig, mod_cfg=None, after_setup=None, before_engine=None):
         tc.validate()
         self.after_setup = after_setup  # callback(trainer) after the engine exists (tests, probes)
+        # callback(trainer, model) before deepspeed.initialize: the place to change parameters (ZeRO-1/2
+        # keep fp32 master copies taken at initialize time; later in-place edits would be overwritten)
+        self.before_engine = before_engine
         self.spec, self.tc = spec, tc
         self.mod_cfg = None if spec.dense else mod_cfg
         if not spec.dense and mod_cfg is None:
@@ -162,6 +165,11 @@ class Trainer:
             if tc.grad_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.config.use_cache = False
+            if self.before_engine is not None:
+                self.dp_rank = self.rank // self.tp
+                self.stream = build_stream(self.spec.recipe, seq_len=tc.seq_len, seed=tc.seed, dp_rank=self.dp_rank,
+                                           dp_world_size=self.dp, vocab_size=hf_cfg.vocab_size)
+                self.before_engine(self, model)
             groups = param_groups(model, tc)
             self.group_names = [g["name"] for g in groups]
             sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))  # noqa: E731
