@@ -3,7 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-# multi-rank tests pin one thread per rank themselves (tests/harness.py); single-process tests use all cores
-export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 # pytest exits 5 when it collects no test: that is a failure here, as every other non-zero code.
 exec .venv/bin/python -m pytest -q tests "$@"

@@ -10,9 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-# single-process tests use every core; forked/launched ranks pin one thread each (tests/harness.py)
-torch.set_num_threads(os.cpu_count() or 1)
-
 
 def tiny_config(arch: str = "llama", layers: int = 4, **kw):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
