@@ -13,6 +13,8 @@ into the MoD class; use it under DeepSpeed ZeRO-3 so the weights load already pa
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -209,15 +211,15 @@ def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] |
     for i in range(model.config.num_hidden_layers):
         layer = model.model.layers[i]
         if hasattr(layer, "router") and (layers is None or i in layers):
-            gates = []
+            logits = []
             for h, meta in zip(hs, metas):
                 z = layer.router(layer.input_layernorm(h) if cfg.router_input == "norm" else h)
-                g = torch.sigmoid(z)
-                gates.append(g[meta.slots.valid] if meta.slots.valid is not None else g.reshape(-1))
-            g = torch.cat(gates).double()
-            # p at the (1 - target) quantile; clamp into (0, 1) so the config stays valid
-            p = float(torch.quantile(g, 1.0 - target_rate)) if target_rate < 1 else float(g.min())
-            thresholds[i] = min(max(p, 1e-6), 1 - 1e-6)
+                logits.append(z[meta.slots.valid] if meta.slots.valid is not None else z.reshape(-1))
+            z = torch.cat(logits).double()
+            # the (1 - target) quantile of the logits (not of the gates, which saturate in fp32), as p in
+            # float64; selection compares logits, so p this close to 0 or 1 keeps its meaning
+            q = float(torch.quantile(z, 1.0 - target_rate)) if target_rate < 1 else float(z.min())
+            thresholds[i] = min(max(1.0 / (1.0 + math.exp(-q)), 1e-15), 1 - 1e-15)
             cfg = MoDConfig.from_dict({**cfg.to_dict(), "layer_thresholds": thresholds})
             model.set_mod_config(cfg)
         hs = [model.mod_layer(i, h, meta)[0] for h, meta in zip(hs, metas)]

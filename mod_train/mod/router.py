@@ -66,11 +66,15 @@ class RouteTerms:
         return self.logits if self.aux_logits is None else self.aux_logits
 
 
+def logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
 def select(z: torch.Tensor, valid: torch.Tensor | None, cfg: MoDConfig, layer: int, causal: bool) -> torch.Tensor:
     """Which tokens run routed layer `layer`: bool [B, S]. Padding is never selected."""
     if cfg.routing == "threshold" or causal:
         p = cfg.threshold_for(layer) if cfg.routing == "threshold" else 0.5
-        sel = torch.sigmoid(z) >= p
+        sel = z >= logit(p)  # == sigmoid(z) >= p, without fp32 saturation ties near g = 1
     else:
         sel = _topk(z, valid, cfg.capacity)
     return sel if valid is None else sel & valid
@@ -114,7 +118,7 @@ def aux_loss(terms: list[RouteTerms], cfg: MoDConfig, training_topk: bool) -> to
                 bce = F.binary_cross_entropy_with_logits(z, t.selected.float(), reduction="none")
                 total = total + cfg.topk_bce_weight * _masked_mean(bce, t.valid)
         elif cfg.target_rate is not None:
-            soft = torch.sigmoid(z - math.log(t.threshold / (1 - t.threshold)))
+            soft = torch.sigmoid(z - logit(t.threshold))
             total = total + cfg.target_weight * (rate - cfg.target_rate) * _masked_mean(soft, t.valid)
         elif cfg.alpha > 0:
             total = total + cfg.alpha * rate * _masked_mean(gate, t.valid)
