@@ -233,3 +233,19 @@ sources:
     weight: 0.5
 """)
     return model, str(recipe)
+
+
+def make_tiny_books_setup(d, docs, heldout=("doc1", "doc4", "doc7", "doc9"), name="tiny"):
+    """`docs` as a jsonl source (titles doc0, doc1, ...), a tiny model + tokenizer trained on them, and a
+    recipe with those held-out titles. Returns (model dir, recipe path)."""
+    import json
+    from pathlib import Path
+    d = Path(d)
+    with open(d / "books.jsonl", "w") as f:
+        for i, t in enumerate(docs):
+            f.write(json.dumps({"title": f"doc{i}", "text": t}) + "\n")
+    model = make_tiny_model_with_tokenizer(d / "dense", docs, max_pos=512)
+    recipe = d / "recipe.yaml"
+    recipe.write_text(f"name: {name}\ntokenizer: {model}\nstages:\n  - seq_len: 64\nsources:\n  - name: books\n"
+                      f"    type: jsonl\n    path: {d / 'books.jsonl'}\nheldout:\n  titles: [{', '.join(heldout)}]\n")
+    return model, recipe

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import randomize_routers, tiny_model
-from harness import make_tiny_model_with_tokenizer
+from harness import make_tiny_books_setup
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,22 +25,7 @@ def tiny_setup(tmp_path_factory):
     """A tiny dense model + tokenizer, a recipe with 4 held-out documents (2 evaluated, 2 for calibration)."""
     d = tmp_path_factory.mktemp("eval")
     docs = _docs(12, 150, 400, 0)
-    with open(d / "books.jsonl", "w") as f:
-        for i, t in enumerate(docs):
-            f.write(json.dumps({"title": f"doc{i}", "text": t}) + "\n")
-    model = make_tiny_model_with_tokenizer(d / "dense", docs, max_pos=512)
-    recipe = d / "recipe.yaml"
-    recipe.write_text(f"""name: tiny-eval
-tokenizer: {model}
-stages:
-  - seq_len: 64
-sources:
-  - name: books
-    type: jsonl
-    path: {d / 'books.jsonl'}
-heldout:
-  titles: [doc1, doc4, doc7, doc9]
-""")
+    model, recipe = make_tiny_books_setup(d, docs, name="tiny-eval")
     return d, model, str(recipe)
 
 

@@ -5,7 +5,7 @@ import json
 import random
 from pathlib import Path
 
-from harness import make_tiny_model_with_tokenizer
+from harness import make_tiny_books_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,24 +21,10 @@ def test_main_job_end_to_end_reduced(tmp_path):
     rng = random.Random(0)
     words = "the of and to in a is that for it as was with be by on not def return class import self".split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(150, 300))) for _ in range(10)]
-    with open(tmp_path / "books.jsonl", "w") as f:
-        for i, t in enumerate(docs):
-            f.write(json.dumps({"title": f"doc{i}", "text": t}) + "\n")
-    model = make_tiny_model_with_tokenizer(tmp_path / "dense", docs, max_pos=512)
-    (tmp_path / "recipe.yaml").write_text(f"""name: tiny-main
-tokenizer: {model}
-stages:
-  - seq_len: 64
-sources:
-  - name: books
-    type: jsonl
-    path: {tmp_path / 'books.jsonl'}
-heldout:
-  titles: [doc1, doc4, doc7, doc9]
-""")
+    model, recipe = make_tiny_books_setup(tmp_path, docs, name="tiny-main")
     main = _load_main()
     job = main.load_job(str(ROOT / "launch/main_cpu.yaml"), {
-        "model": str(model), "recipe": str(tmp_path / "recipe.yaml"), "out": str(tmp_path / "run"),
+        "model": str(model), "recipe": str(recipe), "out": str(tmp_path / "run"),
         "train.max_steps": 2, "train.seq_len": 64, "train.wandb": "disabled", "train.progress": False})
     job["fetch_corpus"] = False
     job["eval"] = {"lengths": [32, 64], "max_docs": 2, "max_tokens": 128, "targets": [1.0, 0.5], "calib_docs": 2,
