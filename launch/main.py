@@ -135,7 +135,6 @@ def run_main(job: dict) -> str:
 
 def render(job, status, metrics, res, times, torch_version) -> str:
     steps = sorted(metrics)
-    first, last = metrics[steps[0]], metrics[steps[-1]]
     lengths = sorted(int(k) for k in res["ppl"])
     L = ["# mod_train main job: MoDification of SmolLM2-135M on CPU", ""]
     L.append(f"- model `{job['model']}`, recipe `{job['recipe']}`, {len(steps)} logged steps of "

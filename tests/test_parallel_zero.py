@@ -42,7 +42,6 @@ def test_zero_two_ranks_match_reference(stage, tiny, reference, tmp_path):
 
 def _router_roundtrip(model, out):
     """Train 2 steps (save), then in a new engine resume and compare the gathered routers."""
-    import deepspeed
     from harness import TINY_MOD, TINY_TRAIN
     from mod_train import MoDConfig
     from mod_train.parallel.zero3 import gathered_state

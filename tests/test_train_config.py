@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from mod_train import MoDConfig
 from mod_train.parallel import dsconfig, memory

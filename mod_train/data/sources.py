@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 

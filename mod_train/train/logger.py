@@ -6,7 +6,6 @@ online when `--train.wandb online`. A resumed run continues the same wandb run i
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

@@ -8,11 +8,8 @@ steps, so both terms are scaled identically under gradient accumulation.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -246,7 +243,7 @@ class Trainer:
         if diffs:
             raise ckpt.IncompatibleCheckpoint(
                 f"refusing to resume from {d}: it was written by an incompatible configuration:\n  - "
-                + "\n  - ".join(diffs) + f"\nUse a new --out directory, or restore the settings above.")
+                + "\n  - ".join(diffs) + "\nUse a new --out directory, or restore the settings above.")
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
