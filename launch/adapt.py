@@ -3,20 +3,19 @@
 
 One machine (N ranks; CPU ranks too):
     deepspeed --num_gpus 2 launch/adapt.py --ds ds_configs/zero3.json --model HuggingFaceTB/SmolLM2-135M \
-        --recipe data_recipes/long_context.yaml --out runs/smol --mod.threshold 0.5 --train.max_steps 1000
+        --recipe data_recipes/offline_long_mix.yaml --out runs/smol --mod.threshold 0.5 --train.max_steps 1000
 torchrun:   torchrun --nproc_per_node 2 launch/adapt.py ...same arguments...
 One process: python launch/adapt.py ...same arguments...
 Cluster:    sbatch launch/slurm/adapt.sbatch (see launch/slurm/README in docs/training.md)
 
 Re-running the same command resumes from <out>/checkpoints/latest. SIGTERM/SIGUSR1 write a
 checkpoint and exit cleanly (exit code 0; SLURM requeues the job). Overrides: --mod.<field>,
---train.<field> (see mod_train/config.py and mod_train/train/config.py); --config run.json holds
+--train.<field> (see mod_train/config.py and mod_train/train/config.py); --config run.yaml (or .json) holds
 defaults for both sections ({"mod": {...}, "train": {...}}).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse(argv=None):
+    import yaml
     from mod_train import MoDConfig
     from mod_train.train.config import TrainConfig, apply_overrides, split_overrides
 
@@ -33,12 +33,13 @@ def parse(argv=None):
     ap.add_argument("--model", required=True, help="dense HF model directory or hub id")
     ap.add_argument("--recipe", required=True, help="data recipe YAML, or 'synthetic'")
     ap.add_argument("--out", required=True, help="output directory (checkpoints, metrics, wandb)")
-    ap.add_argument("--config", help="JSON with {'mod': {...}, 'train': {...}} defaults")
+    ap.add_argument("--config", help="YAML/JSON with {'mod': {...}, 'train': {...}} defaults")
     ap.add_argument("--tokenizer", help="tokenizer location if not the model directory")
     ap.add_argument("--dense", action="store_true", help="train the unmodified dense model (baseline)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(rest)
-    base = json.load(open(args.config)) if args.config else {}
+    # YAML or JSON (JSON is YAML); other top-level keys (e.g. launch/main_cpu.yaml's eval:) are ignored
+    base = yaml.safe_load(open(args.config)) if args.config else {}
     mod = MoDConfig.from_dict(base.get("mod", {}))
     tc = TrainConfig(**base.get("train", {}))
     apply_overrides({"mod": mod, "train": tc}, pairs)
