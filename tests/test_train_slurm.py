@@ -40,7 +40,8 @@ def test_launcher_commands_for_a_node_list():
 
 
 def _sbatch(script, **env):
-    e = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_ID": "77", **env}
+    # PYTHON: the scripts run `python` from PATH by default; CI does not activate the venv, so name ours.
+    e = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_ID": "77", "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(ROOT / "launch" / "slurm" / script)], cwd=ROOT, env=e, capture_output=True,
                           text=True, timeout=120)
 
