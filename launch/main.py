@@ -91,20 +91,21 @@ def run_main(job: dict) -> str:
     tok = load_tokenizer(recipe)
     start_from = model_path
     if job.get("probe_init", False):
-        # routers fitted to token importance on held-out rows (never trained on), saved as a MoD checkpoint
-        # that the trainer starts from (it keeps a MoD checkpoint's routers)
+        # routers fitted to token importance on the first training rows (the held-out documents stay unseen
+        # until evaluation), saved as a MoD checkpoint that the trainer starts from (it keeps its routers)
         phase("router probe")
         from mod_train import fit_routers_to_importance, modify
         from transformers import AutoModelForCausalLM
-        held = PackedStream(recipe, tok, seq_len=tc.seq_len or 512, split="heldout")
-        batches = [{"input_ids": next(held)["input_ids"][None]} for _ in range(4)]
+        rows = PackedStream(recipe, tok, seq_len=tc.seq_len or 512, split="train")
+        batches = [{"input_ids": next(rows)["input_ids"][None]} for _ in range(4)]
         model = modify(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), mod_cfg)
-        r2 = fit_routers_to_importance(model, batches)
+        r2 = fit_routers_to_importance(model, batches, rate=job.get("init_rate"))
         start_from = str(out / "init_model")
         model.save_pretrained(start_from)
         tok.save_pretrained(start_from)
         del model
-        print(f"[mod_train] routers fitted to token importance: probe R^2 mean {sum(r2.values()) / len(r2):.2f}")
+        print(f"[mod_train] routers fitted to token importance: probe R^2 mean {sum(r2.values()) / len(r2):.2f}"
+              + (f", starting at execution rate {job['init_rate']}" if job.get("init_rate") else ""))
         done("router probe")
 
     phase("adaptation")

@@ -30,6 +30,7 @@ def test_main_job_end_to_end_reduced(tmp_path):
         "model": str(model), "recipe": str(recipe), "out": str(tmp_path / "run"),
         "train.max_steps": 2, "train.seq_len": 64, "train.wandb": "disabled", "train.progress": False})
     job["fetch_corpus"] = False
+    job["mod"].update(dense_first=0, dense_last=0)  # the tiny model has 4 layers
     job["eval"] = {"lengths": [32, 64], "max_docs": 2, "max_tokens": 128, "targets": [1.0, 0.5], "calib_docs": 2,
                    "calib_tokens": 64, "progress": False}
     # in a fresh interpreter: the trainer initialises torch.distributed/DeepSpeed state in its process,

@@ -291,3 +291,10 @@ def test_router_probe_orders_tokens_by_layer_importance():
     corr = torch.corrcoef(torch.stack([imp, gate]))[0, 1]
     assert corr > 0.3, corr
     assert all(v["rate"].item() > 0.95 for v in out.routing.values())  # still starts close to dense
+    # rate=: the probe is centred so that the layers start at that execution rate on these tokens
+    fit_routers_to_importance(m, [{"input_ids": ids}], rate=0.3)
+    with torch.no_grad():
+        out = m(input_ids=ids)
+    assert all(abs(v["rate"].item() - 0.3) < 0.02 for v in out.routing.values()), out.routing
+    with pytest.raises(ValueError, match="rate"):
+        fit_routers_to_importance(m, [{"input_ids": ids}], rate=0.0)

@@ -25,7 +25,7 @@ from transformers.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 from mod_train.config import MoDConfig
 from mod_train.mod.model import MoDMixin
-from mod_train.mod.router import Router
+from mod_train.mod.router import Router, logit
 
 
 class UnsupportedModelError(ValueError):
@@ -228,15 +228,23 @@ def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] |
 
 
 @torch.no_grad()
-def fit_routers_to_importance(model, batches, ridge: float = 1e-3) -> dict[int, float]:
+def fit_routers_to_importance(model, batches, ridge: float = 1e-3, rate: float | None = None) -> dict[int, float]:
     """Data-driven router initialisation (ours; the paper leaves router init open).
 
     For each routed layer, in order, the router becomes a ridge-regression probe of how much the layer
     changes each token: y = log(||f(h)|| / ||h||), f = the layer's full (unrouted) update. Tokens the layer
     barely changes get low gates, so a threshold skips them first. The probe output is standardised and
     centred on the configured init logit, so at p = 0.5 nearly every token still runs and the model starts
-    close to the original; training and `calibrate_thresholds` then set the rate. Returns the probe's R^2
-    per layer. `batches`: dicts with input_ids (and optional attention_mask)."""
+    close to the original; training and `calibrate_thresholds` then set the rate.
+
+    `rate`: start at this execution rate instead: each probe is centred so that its (1 - rate) quantile on
+    these tokens sits at the layer's threshold (layers in order, each measured on hidden states routed by
+    the layers before it). Training then begins at the target rate and spends its steps adapting the model
+    to the skipping rather than moving router biases (Adam moves a bias by about lr per step: 30 steps at
+    1e-3 move it by 0.03, while dense-init gates sit at logit 2.9, far above a p = 0.5 threshold).
+    Returns the probe's R^2 per layer. `batches`: dicts with input_ids (and optional attention_mask)."""
+    if rate is not None and not (0.0 < rate <= 1.0):
+        raise ValueError(f"rate {rate} must lie in (0, 1]")
     from mod_train.mod.layer import dense_layer
     cfg = model.mod_config
     was_training = model.training
@@ -265,7 +273,12 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3) -> dict[int, 
             scale = 1.0 / pred.std().clamp(min=1e-6)
             r = layer.router
             r.weight.copy_((w * scale).to(r.weight.dtype)[None])
-            r.bias.fill_(float(cfg.init_logit() - (mx @ w) * scale))
+            if rate is None:
+                r.bias.fill_(float(cfg.init_logit() - (mx @ w) * scale))
+            else:  # standardised probe output, its (1 - rate) quantile moved onto logit(p_j)
+                z = (pred * scale).float()
+                q = float(torch.quantile(z, 1.0 - rate)) if rate < 1 else float(z.min())
+                r.bias.fill_(float(logit(cfg.threshold_for(i)) - q - (mx @ w) * scale))
         hs = [model.mod_layer(i, h, meta)[0] for h, meta in zip(hs, metas)]
     model.train(was_training)
     return fit
