@@ -97,7 +97,7 @@ def run_main(job: dict) -> str:
         from mod_train import fit_routers_to_importance, modify
         from transformers import AutoModelForCausalLM
         rows = PackedStream(recipe, tok, seq_len=tc.seq_len or 512, split="train")
-        batches = [{"input_ids": next(rows)["input_ids"][None]} for _ in range(4)]
+        batches = [{k: v[None] for k, v in next(rows).items() if k in ("input_ids", "position_ids")} for _ in range(4)]
         model = modify(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), mod_cfg)
         r2 = fit_routers_to_importance(model, batches, rate=job.get("init_rate"))
         start_from = str(out / "init_model")

@@ -48,3 +48,24 @@ def test_ablation_tiny(tmp_path):
     assert table.count("\n| ") == 1 + 7  # header + one row per variant
     assert "top-k MoD, matched capacity" in table and "whole-block gate" in table and "no aux loss" in table
     assert "| variant | ppl | realised rate | KV bytes |" in p.stdout
+
+
+def test_ablation_from_probe_start(tmp_path):
+    """--init-rate: each variant starts from routers fitted to the importance probe at that rate."""
+    from mod_train.train.logger import read_metrics
+    model, recipe = write_tiny_recipe(tmp_path, n_docs=40, seq_len=32)
+    with open(recipe, "a") as f:
+        f.write("heldout:\n  titles: [prose3, code5, prose7]\n")
+    out = tmp_path / "abl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "launch/ablate.py", "--model", model, "--recipe", recipe, "--out", str(out),
+           "--variants", "threshold_noaux", "--steps", "1", "--seq-len", "32", "--router-lr", "1e-9", "--lr", "1e-9",
+           "--warmup-steps", "0", "--eval-length", "32", "--eval-docs", "2", "--eval-tokens", "64",
+           "--prefill-tokens", "32", "--init-rate", "0.4", "--progress", "false"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert (out / "threshold_noaux" / "init_model" / "config.json").is_file()
+    first = read_metrics(out / "threshold_noaux" / "metrics.jsonl")[1]
+    assert first["routing/rate_mean"] < 0.8, first  # dense init would run every token (rate 1.0)
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["init_rate"] == 0.4 and 0.1 < res["variants"]["threshold_noaux"]["rate"] < 0.8

@@ -242,14 +242,15 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3, rate: float |
     the layers before it). Training then begins at the target rate and spends its steps adapting the model
     to the skipping rather than moving router biases (Adam moves a bias by about lr per step: 30 steps at
     1e-3 move it by 0.03, while dense-init gates sit at logit 2.9, far above a p = 0.5 threshold).
-    Returns the probe's R^2 per layer. `batches`: dicts with input_ids (and optional attention_mask)."""
+    Returns the probe's R^2 per layer. `batches`: dicts with input_ids (optional attention_mask, and
+    position_ids restarting at 0 at each packed document)."""
     if rate is not None and not (0.0 < rate <= 1.0):
         raise ValueError(f"rate {rate} must lie in (0, 1]")
     from mod_train.mod.layer import dense_layer
     cfg = model.mod_config
     was_training = model.training
     model.eval()
-    states = [model.mod_embed(b["input_ids"], b.get("attention_mask")) for b in batches]
+    states = [model.mod_embed(b["input_ids"], b.get("attention_mask"), b.get("position_ids")) for b in batches]
     hs, metas = [s[0] for s in states], [s[1] for s in states]
     fit = {}
     for i in range(model.config.num_hidden_layers):
