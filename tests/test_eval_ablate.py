@@ -12,19 +12,24 @@ from harness import write_tiny_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ablation_tiny(tmp_path):
+def _ablate(tmp_path, *args):
+    """Run launch/ablate.py on a tiny model and recipe; returns (process, output directory)."""
     model, recipe = write_tiny_recipe(tmp_path, n_docs=40, seq_len=32)
     with open(recipe, "a") as f:
         f.write("heldout:\n  titles: [prose3, code5, prose7]\n")
     out = tmp_path / "abl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "launch/ablate.py", "--model", model, "--recipe", recipe, "--out", str(out),
-           "--variants", "dense,threshold,topk,threshold_noaux,threshold_block,threshold_alpha", "--steps", "3",
-           "--seq-len", "32", "--router-lr", "0.05", "--lr", "1e-3", "--warmup-steps", "1", "--eval-length", "32",
-           "--eval-docs", "2", "--eval-tokens", "96", "--prefill-tokens", "48", "--target-rate", "0.5",
-           "--progress", "false", "--save-models", "true"]
+           "--seq-len", "32", "--eval-length", "32", "--eval-docs", "2", "--progress", "false", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p, out
+
+
+def test_ablation_tiny(tmp_path):
+    p, out = _ablate(tmp_path, "--variants", "dense,threshold,topk,threshold_noaux,threshold_block,threshold_alpha",
+                     "--steps", "3", "--router-lr", "0.05", "--lr", "1e-3", "--warmup-steps", "1",
+                     "--eval-tokens", "96", "--prefill-tokens", "48", "--target-rate", "0.5", "--save-models", "true")
     res = json.loads((out / "results.json").read_text())
     v = res["variants"]
     assert list(v) == ["dense", "threshold", "threshold_noaux", "threshold_block", "threshold_alpha", "topk",
@@ -53,17 +58,8 @@ def test_ablation_tiny(tmp_path):
 def test_ablation_from_probe_start(tmp_path):
     """--init-rate: each variant starts from routers fitted to the importance probe at that rate."""
     from mod_train.train.logger import read_metrics
-    model, recipe = write_tiny_recipe(tmp_path, n_docs=40, seq_len=32)
-    with open(recipe, "a") as f:
-        f.write("heldout:\n  titles: [prose3, code5, prose7]\n")
-    out = tmp_path / "abl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "launch/ablate.py", "--model", model, "--recipe", recipe, "--out", str(out),
-           "--variants", "threshold_noaux", "--steps", "1", "--seq-len", "32", "--router-lr", "1e-9", "--lr", "1e-9",
-           "--warmup-steps", "0", "--eval-length", "32", "--eval-docs", "2", "--eval-tokens", "64",
-           "--prefill-tokens", "32", "--init-rate", "0.4", "--progress", "false"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    _, out = _ablate(tmp_path, "--variants", "threshold_noaux", "--steps", "1", "--router-lr", "1e-9", "--lr", "1e-9",
+                     "--warmup-steps", "0", "--eval-tokens", "64", "--prefill-tokens", "32", "--init-rate", "0.4")
     assert (out / "threshold_noaux" / "init_model" / "config.json").is_file()
     first = read_metrics(out / "threshold_noaux" / "metrics.jsonl")[1]
     assert first["routing/rate_mean"] < 0.8, first  # dense init would run every token (rate 1.0)
