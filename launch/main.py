@@ -135,6 +135,7 @@ def run_main(job: dict) -> str:
 
 
 def render(job, status, metrics, res, times, torch_version) -> str:
+    from mod_train.eval.report import ppl_table
     steps = sorted(metrics)
     lengths = sorted(int(k) for k in res["ppl"])
     L = ["# mod_train main job: MoDification of SmolLM2-135M on CPU", ""]
@@ -154,11 +155,7 @@ def render(job, status, metrics, res, times, torch_version) -> str:
                  f"{m.get('routing/rate_mean', float('nan')):.3f} | {m.get('tokens_per_s', float('nan')):.0f} |")
     L.append("")
     L.append("## Held-out perplexity, dense original vs MoD (whole held-out documents)")
-    L.append("| context | dense ppl | MoD ppl | MoD realised rate |")
-    L.append("|---|---|---|---|")
-    for n in lengths:
-        r = res["ppl"][str(n)]
-        L.append(f"| {n} | {r['dense']['ppl']:.2f} | {r['mod']['ppl']:.2f} | {r['mod'].get('rate', float('nan')):.3f} |")
+    L += ppl_table(res)
     routing = res["routing"][str(lengths[-1])]
     L.append("")
     L.append(f"## Realised execution rate per routed layer (context {lengths[-1]})")

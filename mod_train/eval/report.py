@@ -191,6 +191,17 @@ def mod_calibrate(model, batches, target: float) -> dict:
     return calibrate_thresholds(model, batches, target)
 
 
+def ppl_table(res: dict) -> list[str]:
+    """Markdown rows of the dense-vs-MoD perplexity table of a run_eval result (also the main job's)."""
+    L = ["| context | dense ppl | MoD ppl | MoD / dense | MoD execution rate | windows | predicted tokens |",
+         "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted(int(k) for k in res["ppl"]):
+        r = res["ppl"][str(n)]
+        L.append(f"| {n} | {r['dense']['ppl']:.3f} | {r['mod']['ppl']:.3f} | {r['mod']['ppl'] / r['dense']['ppl']:.3f} "
+                 f"| {r['mod']['rate']:.3f} | {r['dense']['windows']} | {r['dense']['tokens']} |")
+    return L
+
+
 def render(res: dict, stats_by_len: dict) -> str:
     c = res["config"]
     lengths = sorted(int(k) for k in res["ppl"])
@@ -213,12 +224,7 @@ def render(res: dict, stats_by_len: dict) -> str:
         L.append(f"| {d['title']} | {d['source']} | {d['tokens']} | {d['full_tokens']} |")
     L.append("\n## Perplexity\n")
     L.append("Non-overlapping windows of each context length, token-weighted over all documents.\n")
-    L.append("| context | dense ppl | MoD ppl | MoD / dense | MoD execution rate | windows | predicted tokens |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|")
-    for n in lengths:
-        r = res["ppl"][str(n)]
-        L.append(f"| {n} | {r['dense']['ppl']:.3f} | {r['mod']['ppl']:.3f} | {r['mod']['ppl'] / r['dense']['ppl']:.3f} "
-                 f"| {r['mod']['rate']:.3f} | {r['dense']['windows']} | {r['dense']['tokens']} |")
+    L += ppl_table(res)
     L.append("\n## Routing per layer\n")
     L.append(f"Execution rate (share of tokens that ran the layer) per context length; mean gate, share of gates "
              f"within {M.NEAR_P} of p and threshold p at context {lengths[-1]}.\n")
