@@ -52,7 +52,7 @@ def run_main(job: dict) -> str:
     import torch
 
     from mod_train import MoDConfig
-    from mod_train.data import PackedStream, load_recipe, load_tokenizer
+    from mod_train.data import load_recipe
     from mod_train.data.corpus import fetch_corpus
     from mod_train.eval.report import EvalConfig, run_eval
     from mod_train.train.config import TrainConfig
@@ -87,23 +87,14 @@ def run_main(job: dict) -> str:
     mod_cfg = MoDConfig.from_dict(job.get("mod", {}))
     tc = TrainConfig(**job.get("train", {}))
     tc.validate()
-    recipe = load_recipe(job["recipe"])
-    tok = load_tokenizer(recipe)
+    load_recipe(job["recipe"])  # a bad recipe fails here, before any model work
     start_from = model_path
     if job.get("probe_init", False):
-        # routers fitted to token importance on the first training rows (the held-out documents stay unseen
-        # until evaluation), saved as a MoD checkpoint that the trainer starts from (it keeps its routers)
+        # routers fitted to token importance on the first training rows (mod_train/train/probe.py)
         phase("router probe")
-        from mod_train import fit_routers_to_importance, modify
-        from transformers import AutoModelForCausalLM
-        rows = PackedStream(recipe, tok, seq_len=tc.seq_len or 512, split="train")
-        batches = [{k: v[None] for k, v in next(rows).items() if k in ("input_ids", "position_ids")} for _ in range(4)]
-        model = modify(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), mod_cfg)
-        r2 = fit_routers_to_importance(model, batches, rate=job.get("init_rate"))
-        start_from = str(out / "init_model")
-        model.save_pretrained(start_from)
-        tok.save_pretrained(start_from)
-        del model
+        from mod_train.train.probe import probe_start
+        start_from, r2 = probe_start(model_path, mod_cfg, job["recipe"], tc.seq_len or 512, out / "init_model",
+                                     rate=job.get("init_rate"))
         print(f"[mod_train] routers fitted to token importance: probe R^2 mean {sum(r2.values()) / len(r2):.2f}"
               + (f", starting at execution rate {job['init_rate']}" if job.get("init_rate") else ""))
         done("router probe")

@@ -147,7 +147,8 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str):
                      progress=cfg.progress, run_name=f"ablate-{name}")
     t0 = time.time()
     if cfg.init_rate is not None:
-        model_path = probe_start(mod_cfg, cfg, model_path, run / "init_model")
+        from mod_train.train.probe import probe_start
+        model_path, _ = probe_start(model_path, mod_cfg, cfg.recipe, cfg.seq_len, run / "init_model", cfg.init_rate)
     tr = Trainer(RunSpec(model=model_path, out=str(run), ds=cfg.ds, recipe=cfg.recipe), tc, mod_cfg)
     status = tr.run()
     secs = time.time() - t0
@@ -167,22 +168,6 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str):
     model = model.float()
     tr.engine = tr.model = None  # drop the optimizer state
     return model, info
-
-
-def probe_start(mod_cfg, cfg: AblationConfig, model_path: str, out: Path) -> str:
-    """The variant's start point: the base model with routers fitted to the importance probe on the first
-    four training rows and centred at cfg.init_rate (the same rows and rate for every variant)."""
-    from transformers import AutoModelForCausalLM
-    from mod_train import fit_routers_to_importance, modify
-    from mod_train.data import PackedStream, load_recipe, load_tokenizer
-    recipe = load_recipe(cfg.recipe)
-    rows = PackedStream(recipe, load_tokenizer(recipe), seq_len=cfg.seq_len, split="train")
-    batches = [{k: v[None] for k, v in next(rows).items() if k in ("input_ids", "position_ids")} for _ in range(4)]
-    model = modify(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), mod_cfg)
-    fit_routers_to_importance(model, batches, rate=cfg.init_rate)
-    model.save_pretrained(out)
-    del model
-    return str(out)
 
 
 def run_ablation(cfg: AblationConfig) -> dict:
