@@ -25,7 +25,7 @@ from transformers.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 from mod_train.config import MoDConfig
 from mod_train.mod.model import MoDMixin
-from mod_train.mod.router import Router, logit
+from mod_train.mod.router import Router, logit, rate_quantile
 
 
 class UnsupportedModelError(ValueError):
@@ -218,7 +218,7 @@ def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] |
             z = torch.cat(logits).double()
             # the (1 - target) quantile of the logits (not of the gates, which saturate in fp32), as p in
             # float64; selection compares logits, so p this close to 0 or 1 keeps its meaning
-            q = float(torch.quantile(z, 1.0 - target_rate)) if target_rate < 1 else float(z.min())
+            q = rate_quantile(z, target_rate)
             thresholds[i] = min(max(1.0 / (1.0 + math.exp(-q)), 1e-15), 1 - 1e-15)
             cfg = MoDConfig.from_dict({**cfg.to_dict(), "layer_thresholds": thresholds})
             model.set_mod_config(cfg)
@@ -277,8 +277,7 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3, rate: float |
             if rate is None:
                 r.bias.fill_(float(cfg.init_logit() - (mx @ w) * scale))
             else:  # standardised probe output, its (1 - rate) quantile moved onto logit(p_j)
-                z = (pred * scale).float()
-                q = float(torch.quantile(z, 1.0 - rate)) if rate < 1 else float(z.min())
+                q = rate_quantile((pred * scale).float(), rate)
                 r.bias.fill_(float(logit(cfg.threshold_for(i)) - q - (mx @ w) * scale))
         hs = [model.mod_layer(i, h, meta)[0] for h, meta in zip(hs, metas)]
     model.train(was_training)

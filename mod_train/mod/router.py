@@ -70,6 +70,12 @@ def logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+def rate_quantile(z: torch.Tensor, rate: float) -> float:
+    """The logit at or above which a share `rate` of the logits z lies: their (1 - rate) quantile (rate 1:
+    the minimum). Threshold calibration and the rate-centred router probe both place p_j here."""
+    return float(torch.quantile(z, 1.0 - rate)) if rate < 1 else float(z.min())
+
+
 def select(z: torch.Tensor, valid: torch.Tensor | None, cfg: MoDConfig, layer: int, causal: bool) -> torch.Tensor:
     """Which tokens run routed layer `layer`: bool [B, S]. Padding is never selected."""
     if cfg.routing == "threshold" or causal:
