@@ -1,128 +1,19 @@
 #!/usr/bin/env python
-"""Training throughput: MoD against dense fine-tuning of the same model, in the same run.
+"""Training throughput: MoD against dense fine-tuning of the same model, in the same run, through the real
+trainer (mod_train/experiments/bench_train.py; figures in docs/training.md).
 
-    OMP_NUM_THREADS=2 python launch/bench_train.py --seq-len 2048 --steps 3 --rates 0.5,0.125
-
-Every configuration trains through the real trainer (DeepSpeed engine, AdamW, the same data) for
-`--warmup` + `--steps` optimizer steps; the configurations are built side by side in one process and
-their steps interleaved (dense, MoD r1, MoD r2, dense, ...), so machine load hits all of them alike;
-tokens/s = seq_len / median timed step. MoD runs get
-token-dependent routers (random weights, zero bias) whose per-layer thresholds are calibrated on
-the rows the benchmark trains on to the requested execution rate (mod_train.calibrate_thresholds),
-with alpha=0 and (by default) router lr 1e-12 so the rate stays where it was put; every other
-parameter trains exactly as in the dense run. The realised rate of the timed steps is reported.
-Default model: the offline SmolLM2-135M (30 layers, 15 routed: odd layers).
+    OMP_NUM_THREADS=2 python launch/bench_train.py --seq_len 2048 --steps 3 --rates [0.5,0.125]
 """
-from __future__ import annotations
-
-import argparse
-import gc
-import json
-import os
-import statistics
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mod_train import cli
+from mod_train.experiments.bench_train import TrainBenchConfig
 
 
-def calibrate(t, m, rate, torch, collate, calibrate_thresholds, n_rows=2):
-    """Token-dependent routers (random weights, zero bias) with per-layer thresholds at `rate`.
-    Runs before deepspeed.initialize (Trainer.before_engine) so the engine's fp32 master copy has them."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for i in m.routed_layers:
-            r = m.model.layers[i].router
-            r.weight.copy_(torch.randn(r.weight.shape, generator=g) / r.weight.shape[1] ** 0.5)
-            r.bias.zero_()
-    st = t.stream
-    if hasattr(st, "row"):  # synthetic: the rows this benchmark trains on, so the realised rate is the target
-        rows = [st.row(i) for i in range(n_rows)]
-    else:
-        fresh = type(st)(st.recipe, st.tok, st.dp_rank, st.dp_world, st.seq_len)
-        rows = [next(fresh) for _ in range(n_rows)]
-    b = collate(rows)
-    calibrate_thresholds(m, [{"input_ids": b["input_ids"], "position_ids": b["position_ids"]}], rate)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF dir (default: offline SmolLM2-135M)")
-    ap.add_argument("--recipe", default="synthetic", help="'synthetic' or a data recipe YAML")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-    ap.add_argument("--rates", default="0.5,0.125", help="target execution rates of the routed layers")
-    ap.add_argument("--freeze-routers", type=int, default=1,
-                    help="1: routers get lr 1e-12 (still in the optimizer) so the calibrated rate holds")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--ds", default="ds_configs/zero1.json")
-    ap.add_argument("--out", default="runs/bench_train")
-    ap.add_argument("--json", default=None, help="write the results here (default: <out>/results.json)")
-    a = ap.parse_args(argv)
-
-    import torch
-    from mod_train import MoDConfig
-    from mod_train.mod.convert import calibrate_thresholds
-    from mod_train.parallel import dist as pdist
-    from mod_train.train.config import TrainConfig
-    from mod_train.train.data import collate
-    from mod_train.train.trainer import RunSpec, Trainer
-
-    model = a.model
-    if model is None:
-        from mod_train.offline import smollm2_path
-        model = str(smollm2_path())
-    out = Path(a.out)
-    rates = [float(r) for r in a.rates.split(",") if r]
-    configs = [("dense", None)] + [(f"mod_r{r}", r) for r in rates]
-    trainers = []
-    for name, rate in configs:
-        tc = TrainConfig(max_steps=a.warmup + a.steps, seq_len=a.seq_len, precision=a.precision, lr=1e-5,
-                         router_lr=1e-12 if a.freeze_routers else None, warmup_steps=0, save_every=0,
-                         wandb="disabled", progress=False, per_source_loss=False)
-        mc = MoDConfig(router_init="zero", alpha=0.0, threshold=0.5)
-        hook = None if rate is None else (lambda tr, m, rate=rate: calibrate(
-            tr, m, rate, torch, collate, calibrate_thresholds, n_rows=a.warmup + a.steps))
-        t = Trainer(RunSpec(model=model, out=str(out / name), ds=a.ds, recipe=a.recipe, dense=rate is None),
-                    tc, None if rate is None else mc, before_engine=hook)
-        t.setup()
-        trainers.append((name, rate, t))
-        gc.collect()
-    # interleave the configurations step by step so that they see the same machine load
-    times = {name: [] for name, _, _ in trainers}
-    rates_seen = {name: [] for name, _, _ in trainers}
-    losses_seen = {name: [] for name, _, _ in trainers}
-    for step in range(a.warmup + a.steps):
-        for name, rate, t in trainers:
-            t0 = time.perf_counter()
-            m = t.train_step(False)
-            dt = time.perf_counter() - t0
-            print(f"step {step} {name:<10} {dt:7.2f} s  loss {m['loss/lm']:.4f}  rate "
-                  f"{m.get('routing/rate_mean', 1.0):.3f}", flush=True)
-            if step >= a.warmup:
-                times[name].append(dt)
-                rates_seen[name].append(m.get("routing/rate_mean", 1.0))
-                losses_seen[name].append(m["loss/lm"])
-    results = []
-    for name, rate, _ in trainers:
-        step_t = statistics.median(times[name])
-        results.append({"config": name, "target_rate": rate, "seq_len": a.seq_len, "precision": a.precision,
-                        "median_step_s": step_t, "tokens_per_s": a.seq_len / step_t, "step_times_s": times[name],
-                        "realised_rate": statistics.mean(rates_seen[name]), "lm_loss": losses_seen[name][-1]})
-    dense = results[0]["tokens_per_s"]
-    print(f"\n{'config':<12} {'realised rate':>13} {'step s':>8} {'tokens/s':>9} {'vs dense':>9}")
-    for r in results:
-        r["speedup_vs_dense"] = r["tokens_per_s"] / dense
-        print(f"{r['config']:<12} {r['realised_rate']:>13.3f} {r['median_step_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['speedup_vs_dense']:>8.2f}x")
-    path = Path(a.json or out / "results.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=1))
-    pdist.shutdown()
+def main(argv):
+    cfg = cli.parse(TrainBenchConfig, argv, prog="bench_train.py", description=__doc__)
+    from mod_train.experiments.bench_train import run_train_bench
+    run_train_bench(cfg)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(main, "bench_train.py")

@@ -5,49 +5,50 @@
     python launch/build_data.py data_recipes/offline_long_mix.yaml --stage 1 --rows 200
     python launch/build_data.py RECIPE --rows 1000 --out runs/shards                 # also write packed shards
     python launch/build_data.py RECIPE --split heldout                               # the held-out documents
-    python launch/build_data.py RECIPE --set seed=7 --set stages.0.seq_len=4096       # recipe overrides
+    python launch/build_data.py RECIPE --data '{"seed": 7, "stages.0.seq_len": 4096}' # recipe overrides
 
 The offline corpus used by the default recipe comes from `python launch/fetch_corpus.py`.
 """
-import argparse
 import json
-import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
-import yaml
-
-from mod_train.data import DataError, load_recipe
-from mod_train.data.build import build, format_stats
+from mod_train import cli
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("recipe", help="data_recipes/*.yaml")
-    ap.add_argument("--stage", type=int, default=0, help="curriculum stage index (default 0)")
-    ap.add_argument("--rows", type=int, default=None, help="rows to build (default: the stage's token budget)")
-    ap.add_argument("--split", choices=("train", "heldout"), default="train")
-    ap.add_argument("--dp-rank", type=int, default=0)
-    ap.add_argument("--dp-world-size", type=int, default=1)
-    ap.add_argument("--out", default=None, help="write packed shards (npz + index.json) into this folder")
-    ap.add_argument("--shard-rows", type=int, default=256, help="rows per shard file")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe key (dotted; VALUE parsed as YAML), e.g. sources.code.weight=0.5")
-    ap.add_argument("--json", default=None, help="also write the statistics as JSON to this file")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    overrides = {}
-    for kv in a.set:
-        if "=" not in kv:
-            ap.error(f"--set expects KEY=VALUE, got '{kv}'")
-        k, v = kv.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
-    try:
-        recipe = load_recipe(a.recipe, **overrides)
-        stats = build(recipe, stage=a.stage, rows=a.rows, dp_rank=a.dp_rank, dp_world_size=a.dp_world_size,
-                      split=a.split, out=a.out, shard_rows=a.shard_rows, progress=not a.no_progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+@dataclass
+class BuildConfig:
+    recipe: str
+    """data_recipes/*.yaml"""
+    stage: int = 0
+    """Curriculum stage index."""
+    rows: Optional[int] = None
+    """Rows to build (None: the stage's token budget)."""
+    split: Literal["train", "heldout"] = "train"
+    """Which split of the recipe."""
+    dp_rank: int = 0
+    """Data-parallel rank whose shard is built."""
+    dp_world_size: int = 1
+    """Data-parallel ranks the stream is sharded over."""
+    out: Optional[str] = None
+    """Write packed shards (npz + index.json) into this folder."""
+    shard_rows: int = 256
+    """Rows per shard file."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Recipe overrides as dotted keys, e.g. {'seed': 7, 'sources.code.weight': 0.5}."""
+    json: Optional[str] = None
+    """Also write the statistics as JSON to this file."""
+    progress: bool = True
+    """Show progress."""
+
+
+def main(argv):
+    a = cli.parse(BuildConfig, argv, prog="build_data.py", description=__doc__, positional=("recipe",))
+    from mod_train.data import load_recipe
+    from mod_train.data.build import build, format_stats
+    stats = build(load_recipe(a.recipe, **a.data), stage=a.stage, rows=a.rows, dp_rank=a.dp_rank,
+                  dp_world_size=a.dp_world_size, split=a.split, out=a.out, shard_rows=a.shard_rows,
+                  progress=a.progress)
     print(format_stats(stats))
     if a.json:
         with open(a.json, "w") as f:
@@ -56,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(main, "build_data.py")

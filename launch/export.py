@@ -7,22 +7,28 @@ Then: `import mod_train; AutoModelForCausalLM.from_pretrained("runs/smol-hf")`.
 ZeRO 1/2/3 checkpoints are gathered offline (no GPU, no launcher); TP checkpoints use the
 consolidated 16-bit weights saved alongside them.
 """
-import argparse
-import os
-import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mod_train import cli
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one step_XXXXXX dir")
-    ap.add_argument("dest", help="output HF directory")
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
-    a = ap.parse_args(argv)
+@dataclass
+class ExportConfig:
+    checkpoint: str
+    """A run directory, its checkpoints/ directory, or one step_XXXXXX directory."""
+    dest: str
+    """Output HF directory."""
+    dtype: Optional[Literal["bfloat16", "float32"]] = None
+    """Weights' dtype in the export (None: as trained)."""
+
+
+def main(argv):
+    cfg = cli.parse(ExportConfig, argv, prog="export.py", description=__doc__, positional=("checkpoint", "dest"))
     from mod_train.train.export import export
-    print(export(a.checkpoint, a.dest, dtype=a.dtype))
+    print(export(cfg.checkpoint, cfg.dest, dtype=cfg.dtype))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main, "export.py")

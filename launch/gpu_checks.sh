@@ -64,10 +64,10 @@ print("generate", m.generate(ids[:, :16], max_new_tokens=8, do_sample=False).sha
 PY
 
 echo "== 3. efficiency benchmark (bf16)"
-timeout 150 $PY launch/bench.py --dense /tmp/smol --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
-  --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out /tmp/bench_smol 2>&1 | grep -v "bench:" | tail -20
+timeout 150 $PY launch/bench.py --dense /tmp/smol --lengths [4096,8192,16384,32768] --rates [0.5,0.25,0.125] \
+  --dtype bfloat16 --device cuda --decode_tokens 32 --repeats 3 --train_lengths [8192] --out /tmp/bench_smol 2>&1 | grep -v "bench:" | tail -20
 cp /tmp/bench_smol/bench.json "$OUT/bench_smol.json"; cp /tmp/bench_smol/bench.png "$OUT/bench_smol.png"
-timeout 150 $PY launch/bench.py --dense /tmp/llama1b --lengths 4096 8192 16384 32768 --rates 0.5 0.25 0.125 \
-  --dtype bfloat16 --device cuda --decode-tokens 32 --repeats 3 --train-lengths 8192 --out /tmp/bench_1b 2>&1 | grep -v "bench:" | tail -20
+timeout 150 $PY launch/bench.py --dense /tmp/llama1b --lengths [4096,8192,16384,32768] --rates [0.5,0.25,0.125] \
+  --dtype bfloat16 --device cuda --decode_tokens 32 --repeats 3 --train_lengths [8192] --out /tmp/bench_1b 2>&1 | grep -v "bench:" | tail -20
 cp /tmp/bench_1b/bench.json "$OUT/bench_1b.json"; cp /tmp/bench_1b/bench.png "$OUT/bench_1b.png"
 ls "$OUT"

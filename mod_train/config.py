@@ -1,29 +1,38 @@
-"""Dataclass configs. One per component; every field has a one-line doc.
+"""Dataclass configs, the bottom of the package: every field has a one-line doc (shown by `--help`).
 
-`MoDConfig` is the method's configuration. It is validated on construction so that a bad value
-fails before any model is touched, and it round-trips through the HF config (`to_dict`/`from_dict`).
+- `MoDConfig`: the method. Validated on construction, round-trips through the HF config (`to_dict`/`from_dict`).
+- `TrainConfig`: everything the loop needs that is neither the method nor the data.
+- `EvalConfig`: held-out evaluation of a MoD model against its dense original.
+- `RunSpec` / `RunConfig`: what a run reads and writes; `RunConfig` is the root configuration that every
+  launcher parses (YAML/JSON typed by these fields plus `--section.key` overrides, `mod_train.cli`).
+
+Choice fields are `Literal[...]`, so the command line and YAML files are checked against the same choices.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Optional, Union
 
-LayerSpec = Union[str, list]
+LayerSpec = Union[Literal["odd", "even", "all"], list[int]]
 
 
-class MoDConfigError(ValueError):
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the field, the value and the fix."""
+
+
+class MoDConfigError(ConfigError):
     """A MoD setting is invalid; the message names the field and the fix."""
 
 
 @dataclass
 class MoDConfig:
-    routing: str = "threshold"
+    routing: Literal["threshold", "topk"] = "threshold"
     """'threshold' (MoDification threshold-p) or 'topk' (classic MoD expert-choice baseline)."""
     threshold: float = 0.5
     """p: a token runs a routed layer iff sigmoid gate >= p. Must lie in (0, 1)."""
-    layer_thresholds: dict = field(default_factory=dict)
+    layer_thresholds: dict[int, float] = field(default_factory=dict)
     """Per-layer p overriding `threshold` ({layer_index: p}); written by post-hoc calibration."""
     capacity: float = 0.125
     """Top-k only: fraction of each sequence's valid tokens selected per routed layer, in (0, 1]."""
@@ -33,27 +42,27 @@ class MoDConfig:
     """Force this many first layers dense whatever `layers` says."""
     dense_last: int = 0
     """Force this many last layers dense whatever `layers` says."""
-    router_input: str = "residual"
+    router_input: Literal["residual", "norm"] = "residual"
     """Gate input: 'residual' (the layer input h) or 'norm' (output of the input layernorm)."""
-    router_init: str = "dense"
+    router_init: Literal["dense", "zero"] = "dense"
     """'dense' (w=0, b=logit(dense_init_gate): starts close to the original) or 'zero' (g=0.5)."""
     dense_init_gate: float = 0.95
     """Gate value at init for router_init='dense'; must exceed every threshold so all tokens run."""
-    gate: str = "auto"
+    gate: Literal["auto", "submodule", "block"] = "auto"
     """Where the gate multiplies: 'submodule' (attn and MLP separately), 'block' (whole block), 'auto'."""
-    topk_weight: str = "sigmoid"
+    topk_weight: Literal["sigmoid", "logit"] = "sigmoid"
     """Top-k block-output weight: 'sigmoid' (bounded, sigmoid(r)) or 'logit' (raw r as in MoD)."""
     topk_causal_eval: bool = True
     """Top-k in eval/generation decides causally with sigmoid(r) >= 0.5 (the BCE-trained predictor)."""
     alpha: float = 0.01
     """Weight of the layer-load loss R = alpha * sum_j F_j * G_j (threshold routing)."""
-    target_rate: float | None = None
+    target_rate: Optional[float] = None
     """If set, replace R by the calibration loss beta * sum_j (F_j - target) * S_j (see router.py)."""
     target_weight: float = 1.0
     """beta: weight of the target-rate calibration loss."""
     topk_bce_weight: float = 0.01
     """Weight of top-k's BCE loss making sigmoid(r) > 0.5 agree with top-k membership."""
-    impl: str = "fast"
+    impl: Literal["fast", "reference"] = "fast"
     """'fast' (gather selected tokens, compute, scatter) or 'reference' (full compute with masks)."""
 
     def __post_init__(self):
@@ -155,3 +164,190 @@ class MoDConfig:
             raise MoDConfigError("unknown MoDConfig keys: " + ", ".join(
                 f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items()))
         return cls(**d)
+
+
+def _bad(cls: str, name: str, value, fix: str) -> ConfigError:
+    return ConfigError(f"{cls}.{name}={value!r}: {fix}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for (a resumed run continues up to this step)."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward/backward (DeepSpeed train_micro_batch_size_per_gpu)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (DeepSpeed gradient_accumulation_steps)."""
+    seq_len: Optional[int] = None
+    """Packed sequence length; None: the recipe's (curriculum) stage lengths, 2048 for 'synthetic'."""
+    lr: float = 3e-5
+    """Peak learning rate of the base-model parameters (MoDification: 3e-5)."""
+    router_lr: Optional[float] = None
+    """Peak learning rate of the routers; None means the same as `lr`."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of the peak learning rate."""
+    warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to routers, norms and biases)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+    precision: Literal["bf16", "fp32", "fp16"] = "bf16"
+    """'bf16' or 'fp32' ('fp16' is refused on CPU and discouraged on GPU)."""
+    trainable: Literal["full", "routers", "routers+modules"] = "full"
+    """'full' (all parameters), 'routers' (routers only) or 'routers+modules' (routers + `train_modules`)."""
+    train_modules: list[str] = field(default_factory=list)
+    """Name substrings of extra modules trained with trainable='routers+modules' (e.g. ['norm', 'mlp'])."""
+    grad_checkpointing: bool = False
+    """Recompute decoder layers in backward to save activation memory."""
+    seed: int = 1234
+    """Seed of parameters' random parts, dropout and data order."""
+    save_every: int = 500
+    """Write a checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Number of most recent checkpoints kept on disk."""
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+    per_source_loss: bool = True
+    """Log the LM loss per data source (needs `source_ids` in the rows)."""
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """'offline' (local run, `wandb sync` later), 'online', or 'disabled'."""
+    wandb_project: str = "mod_train"
+    """wandb project name."""
+    run_name: Optional[str] = None
+    """Run name for wandb and the log; defaults to the output directory's name."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    exit_after_steps: int = 0
+    """Testing aid: stop (without saving) after this many steps of this process (0: off)."""
+
+    def validate(self) -> None:
+        def bad(name, fix):
+            raise _bad("TrainConfig", name, getattr(self, name), fix)
+        _check_choices(self)
+        if self.trainable == "routers+modules" and not self.train_modules:
+            bad("train_modules", "trainable='routers+modules' needs a non-empty list, e.g. ['mlp']")
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "keep_last"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if self.seq_len is not None and self.seq_len < 2:
+            bad("seq_len", "a row needs at least 2 tokens to predict one")
+        for name in ("save_every", "warmup_steps", "exit_after_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0 (0 turns it off)")
+        for name in ("lr", "router_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                bad(name, "learning rates must be > 0, e.g. 3e-5")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "must lie in [0, 1]")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclass
+class EvalConfig:
+    dense: Optional[str] = None
+    """Dense HF model directory (the baseline); None: the run's model, or the offline SmolLM2-135M."""
+    recipe: str = "data_recipes/offline_long_mix.yaml"
+    """Data recipe whose held-out split is evaluated (its tokenizer must match the models)."""
+    out: str = "runs/eval"
+    """Output directory of the report."""
+    mod: Optional[str] = None
+    """Saved MoD model directory; None with mod_from_dense converts the dense model (untrained)."""
+    mod_from_dense: bool = False
+    """Evaluate an untrained conversion of `dense` with `mod_overrides` (routers as initialised)."""
+    mod_overrides: dict[str, Any] = field(default_factory=dict)
+    """MoDConfig fields for mod_from_dense (e.g. {'router_init': 'dense'})."""
+    lengths: list[int] = field(default_factory=lambda: [512, 2048, 8192])
+    """Context lengths (window sizes) of the perplexity evaluation."""
+    max_docs: Optional[int] = 4
+    """Held-out documents evaluated (None: all)."""
+    max_tokens: Optional[int] = None
+    """Truncate each evaluated document to this many tokens (None: whole documents)."""
+    targets: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125])
+    """Target execution rates of the post-hoc calibration sweep (threshold routing)."""
+    sweep_length: Optional[int] = None
+    """Context length of the sweep (None: the smallest of `lengths`)."""
+    calib_docs: int = 2
+    """Held-out documents used only for calibration (never evaluated)."""
+    calib_tokens: int = 2048
+    """Tokens of each calibration document used."""
+    prefill_tokens: Optional[int] = None
+    """Tokens of the KV/prefill measurement (None: the largest length, capped by the first document)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Model dtype for evaluation."""
+    progress: bool = True
+    """tqdm progress bars."""
+
+    def validate(self) -> None:
+        def bad(name, fix):
+            raise _bad("EvalConfig", name, getattr(self, name), fix)
+        _check_choices(self)
+        if not self.lengths or any(n < 2 for n in self.lengths):
+            bad("lengths", "give context lengths of at least 2 tokens, e.g. [512, 2048]")
+        if any(not 0 < t <= 1 for t in self.targets):
+            bad("targets", "target execution rates lie in (0, 1], e.g. [1.0, 0.5, 0.25]")
+        for name in ("max_docs", "max_tokens", "sweep_length", "prefill_tokens", "calib_docs", "calib_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, "must be >= 1 (or null where allowed)")
+
+
+@dataclass
+class RunSpec:
+    """What a training run reads and writes (the trainer's input besides the MoD and training settings)."""
+
+    model: str
+    """Dense HF model directory or hub id to convert; 'smollm2' = the offline SmolLM2-135M."""
+    out: str
+    """Output directory: checkpoints/, metrics.jsonl, wandb/ (re-running the same command resumes)."""
+    ds: Union[str, dict] = "ds_configs/zero1.json"
+    """DeepSpeed config (a ds_configs/*.json preset or a dict); "auto" values are filled from `train`."""
+    recipe: str = "synthetic"
+    """Data recipe YAML, or 'synthetic' for random tokens."""
+    dense: bool = False
+    """Train the unmodified dense model (baseline) instead of the MoD model."""
+    tokenizer: Optional[str] = None
+    """Tokenizer location if not the model directory."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Recipe overrides as dotted keys, e.g. {'seed': 3, 'stages.0.seq_len': 1024, 'sources.code.weight': 0.5}."""
+
+
+@dataclass
+class RunConfig(RunSpec):
+    """The root configuration of a run: every launcher parses (a part of) it."""
+
+    probe_init: bool = False
+    """Start from routers fitted to each layer's token-importance probe on the first training rows."""
+    init_rate: Optional[float] = None
+    """With probe_init: centre the routers so each routed layer starts at this execution rate (None: dense)."""
+    mod: MoDConfig = field(default_factory=MoDConfig)
+    """The method (MoDConfig)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop (TrainConfig)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation after training (the main job; EvalConfig)."""
+
+    def validate(self) -> None:
+        self.mod.validate()
+        self.train.validate()
+        self.eval.validate()
+        if self.init_rate is not None and not 0 < self.init_rate <= 1:
+            raise _bad("RunConfig", "init_rate", self.init_rate, "an execution rate lies in (0, 1], e.g. 0.5")
+
+
+def _check_choices(obj) -> None:
+    """Literal-typed fields hold one of their choices (dataclasses built in code bypass the CLI's check)."""
+    import typing
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is Literal and getattr(obj, f.name) not in typing.get_args(tp):
+            raise _bad(type(obj).__name__, f.name, getattr(obj, f.name),
+                       "choose one of " + ", ".join(map(repr, typing.get_args(tp))))

@@ -60,3 +60,8 @@ def smollm2_path(dtype: str = "float32") -> Path:
         return out
     os.replace(tmp, out)
     return out
+
+
+def resolve_model(name: str) -> str:
+    """A model argument as a loadable location: 'smollm2' -> the offline SmolLM2-135M directory, else unchanged."""
+    return str(smollm2_path()) if name == "smollm2" else name

@@ -131,7 +131,7 @@ TINY_MOD = dict(router_init="zero", threshold=0.5, alpha=0.05, layers="odd")
 def train_worker(model, out, ds, train=None, mod=None, dense=False, recipe="synthetic", trace_routing=False):
     """Runs mod_train.train.trainer.train in a harness rank; returns the result (+ routing trace)."""
     from mod_train import MoDConfig
-    from mod_train.train.config import TrainConfig
+    from mod_train.config import TrainConfig
     from mod_train.train.trainer import RunSpec, train as run
     tc = TrainConfig(**{**TINY_TRAIN, **(train or {})})
     mc = MoDConfig(**{**TINY_MOD, **(mod or {})})
@@ -170,7 +170,7 @@ def slow_steps(delay):
 
 def train_worker_probe(model, out, ds, train=None, mod=None, delay=0.0):
     from mod_train import MoDConfig
-    from mod_train.train.config import TrainConfig
+    from mod_train.config import TrainConfig
     from mod_train.train.trainer import RunSpec, train as run
     tc = TrainConfig(**{**TINY_TRAIN, **(train or {})})
     return run(RunSpec(model=model, out=str(out), ds=ds), tc, MoDConfig(**{**TINY_MOD, **(mod or {})}),

@@ -134,7 +134,7 @@ def test_eval_report(tiny_setup, tmp_path):
 
 
 def test_launch_eval_untrained_conversion(tiny_setup, tmp_path, capsys):
-    """launch/eval.py --mod-from-dense (router_init dense: every gate 0.95, all tokens run); whole documents,
+    """launch/eval.py --mod_from_dense (router_init dense: every gate 0.95, all tokens run); whole documents,
     the dense ppl matches perplexity() computed directly."""
     import importlib.util
     from pathlib import Path
@@ -146,9 +146,9 @@ def test_launch_eval_untrained_conversion(tiny_setup, tmp_path, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     out = tmp_path / "r"
-    assert cli.main(["--dense", dense_dir, "--mod-from-dense", "--mod-overrides", '{"router_init": "dense"}',
+    assert cli.main(["--dense", dense_dir, "--mod_from_dense", "true", "--mod_overrides", '{"router_init": "dense"}',
                      "--recipe", recipe, "--out", str(out),
-                     "--lengths", "64", "--max-docs", "1", "--targets", "0.5", "--progress", "false"]) == 0
+                     "--lengths", "[64]", "--max_docs", "1", "--targets", "[0.5]", "--progress", "false"]) == 0
     assert "report written" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert res["ppl"]["64"]["mod"]["rate"] == 1.0

@@ -20,16 +20,16 @@ def _ablate(tmp_path, *args):
     out = tmp_path / "abl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "launch/ablate.py", "--model", model, "--recipe", recipe, "--out", str(out),
-           "--seq-len", "32", "--eval-length", "32", "--eval-docs", "2", "--progress", "false", *args]
+           "--seq_len", "32", "--eval_length", "32", "--eval_docs", "2", "--progress", "false", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p, out
 
 
 def test_ablation_tiny(tmp_path):
-    p, out = _ablate(tmp_path, "--variants", "dense,threshold,topk,threshold_noaux,threshold_block,threshold_alpha",
-                     "--steps", "3", "--router-lr", "0.05", "--lr", "1e-3", "--warmup-steps", "1",
-                     "--eval-tokens", "96", "--prefill-tokens", "48", "--target-rate", "0.5", "--save-models", "true")
+    p, out = _ablate(tmp_path, "--variants", "[dense,threshold,topk,threshold_noaux,threshold_block,threshold_alpha]",
+                     "--steps", "3", "--router_lr", "0.05", "--lr", "1e-3", "--warmup_steps", "1",
+                     "--eval_tokens", "96", "--prefill_tokens", "48", "--target_rate", "0.5", "--save_models", "true")
     res = json.loads((out / "results.json").read_text())
     v = res["variants"]
     assert list(v) == ["dense", "threshold", "threshold_noaux", "threshold_block", "threshold_alpha", "topk",
@@ -42,7 +42,7 @@ def test_ablation_tiny(tmp_path):
     firsts = set()
     for name in ("threshold", "threshold_noaux", "threshold_block", "threshold_alpha", "topk"):
         assert v[name]["status"] == "completed" and v[name]["final_lm_loss"] is not None
-        assert not (out / name / "checkpoints").exists()  # deleted unless --keep-checkpoints
+        assert not (out / name / "checkpoints").exists()  # deleted unless --keep_checkpoints
         assert (out / name / "model" / "config.json").is_file()
         firsts.add(round(v[name]["first_lm_loss"], 4))
     for r in v.values():
@@ -56,10 +56,10 @@ def test_ablation_tiny(tmp_path):
 
 
 def test_ablation_from_probe_start(tmp_path):
-    """--init-rate: each variant starts from routers fitted to the importance probe at that rate."""
+    """--init_rate: each variant starts from routers fitted to the importance probe at that rate."""
     from mod_train.train.logger import read_metrics
-    _, out = _ablate(tmp_path, "--variants", "threshold_noaux", "--steps", "1", "--router-lr", "1e-9", "--lr", "1e-9",
-                     "--warmup-steps", "0", "--eval-tokens", "64", "--prefill-tokens", "32", "--init-rate", "0.4")
+    _, out = _ablate(tmp_path, "--variants", "[threshold_noaux]", "--steps", "1", "--router_lr", "1e-9", "--lr", "1e-9",
+                     "--warmup_steps", "0", "--eval_tokens", "64", "--prefill_tokens", "32", "--init_rate", "0.4")
     assert (out / "threshold_noaux" / "init_model" / "config.json").is_file()
     first = read_metrics(out / "threshold_noaux" / "metrics.jsonl")[1]
     assert first["routing/rate_mean"] < 0.8, first  # dense init would run every token (rate 1.0)

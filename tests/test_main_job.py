@@ -1,6 +1,5 @@
 """The main job's code path (launch/main.py: probe -> DeepSpeed adaptation -> export -> evaluation ->
 REPORT.md) end to end, reduced: a tiny model, a tiny local recipe, two steps."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,35 +12,23 @@ from harness import make_tiny_books_setup
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_main():
-    spec = importlib.util.spec_from_file_location("mod_main", ROOT / "launch" / "main.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_main_job_end_to_end_reduced(tmp_path):
     rng = random.Random(0)
     words = "the of and to in a is that for it as was with be by on not def return class import self".split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(150, 300))) for _ in range(10)]
     model, recipe = make_tiny_books_setup(tmp_path, docs, name="tiny-main")
-    main = _load_main()
-    job = main.load_job(str(ROOT / "launch/main_cpu.yaml"), {
-        "model": str(model), "recipe": str(recipe), "out": str(tmp_path / "run"),
-        "train.max_steps": 2, "train.seq_len": 64, "train.wandb": "disabled", "train.progress": False})
-    job["fetch_corpus"] = False
-    job["mod"].update(dense_first=0, dense_last=0)  # the tiny model has 4 layers
-    job["eval"] = {"lengths": [32, 64], "max_docs": 2, "max_tokens": 128, "targets": [1.0, 0.5], "calib_docs": 2,
-                   "calib_tokens": 64, "progress": False}
+    args = ["--config", str(ROOT / "launch/main_cpu.yaml"), "--model", str(model), "--recipe", str(recipe),
+            "--out", str(tmp_path / "run"), "--train.max_steps", "2", "--train.seq_len", "64",
+            "--train.wandb", "disabled", "--train.progress", "false",
+            "--mod.dense_first", "0", "--mod.dense_last", "0",  # the tiny model has 4 layers
+            "--eval.lengths", "[32,64]", "--eval.max_docs", "2", "--eval.max_tokens", "128",
+            "--eval.targets", "[1.0,0.5]", "--eval.calib_docs", "2", "--eval.calib_tokens", "64",
+            "--eval.progress", "false"]
     # in a fresh interpreter: the trainer initialises torch.distributed/DeepSpeed state in its process,
     # which forked ranks of later tests must not inherit
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    code = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('m', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "print(m.run_main(json.load(open(sys.argv[2]))))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "launch" / "main.py"), str(tmp_path / "job.json")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "main.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     text = (run / "REPORT.md").read_text()

@@ -37,7 +37,7 @@ def test_pipeline_two_stages_matches_reference(tiny, tmp_path):
 
 def test_pipeline_with_zero3_is_refused():
     from mod_train.parallel import dsconfig
-    from mod_train.train.config import TrainConfig
+    from mod_train.config import TrainConfig
     ds = dsconfig.load("ds_configs/pipeline.json")
     ds["zero_optimization"]["stage"] = 3
     with pytest.raises(dsconfig.DSConfigError, match="only with ZeRO stage 0 or 1"):

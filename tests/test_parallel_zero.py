@@ -45,7 +45,7 @@ def _router_roundtrip(model, out):
     from harness import TINY_MOD, TINY_TRAIN
     from mod_train import MoDConfig
     from mod_train.parallel.zero3 import gathered_state
-    from mod_train.train.config import TrainConfig
+    from mod_train.config import TrainConfig
     from mod_train.train.trainer import RunSpec, Trainer
 
     spec = RunSpec(model=model, out=str(out), ds="ds_configs/zero3.json")
@@ -101,7 +101,7 @@ def _no_tokens_on_rank0(model, out):
     import torch.distributed as dist
     from harness import TINY_MOD, TINY_TRAIN
     from mod_train import MoDConfig
-    from mod_train.train.config import TrainConfig
+    from mod_train.config import TrainConfig
     from mod_train.train.trainer import RunSpec, train
 
     def probe(tr):
@@ -124,7 +124,7 @@ def test_zero3_rank_that_selects_no_token_does_not_hang(tiny, tmp_path):
     from harness import TINY_MOD
     from mod_train import MoDConfig
     from mod_train.mod.convert import from_pretrained_mod
-    from mod_train.train.data import SyntheticStream, collate
+    from mod_train.data import SyntheticStream, collate
     m = from_pretrained_mod(tiny, MoDConfig(**TINY_MOD)).train()
     st, expect = SyntheticStream(32, 128, seed=1234), []
     for i, thr in ((0, {j: 0.999999 for j in m.routed_layers}), (1, {})):

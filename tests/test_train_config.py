@@ -1,34 +1,87 @@
-"""Unit tests (no distributed world): overrides, DeepSpeed config filling/refusals, lr schedule,
+"""Unit tests (no distributed world): the one run configuration (typed YAML, --section.key, --help), DeepSpeed config filling/refusals, lr schedule,
 parameter groups and trainable selection, memory plans, checkpoint bookkeeping."""
 import json
 import math
 
 import pytest
 
-from mod_train import MoDConfig
+from pathlib import Path
+
+from mod_train import MoDConfig, cli
+from mod_train.config import ConfigError, RunConfig, TrainConfig
 from mod_train.parallel import dsconfig, memory
 from mod_train.train import checkpoint as ckpt
-from mod_train.train.config import ConfigError, TrainConfig, apply_overrides, split_overrides
-from mod_train.train.trainer import lr_lambda, param_groups, set_trainable
+from mod_train.train.optim import lr_lambda, param_groups, set_trainable
 
 
 def test_overrides_types_and_did_you_mean():
-    rest, pairs = split_overrides(["--ds", "x.json", "--mod.threshold", "0.55", "--train.max_steps=100",
-                                   "--mod.layers", "[1,3]", "--train.train_modules", "mlp,norm",
-                                   "--train.router_lr", "none", "--train.grad_checkpointing", "true"])
-    assert rest == ["--ds", "x.json"]
-    t, m = TrainConfig(), MoDConfig()
-    apply_overrides({"train": t, "mod": m}, pairs)
-    assert (m.threshold, t.max_steps, m.layers, t.train_modules, t.router_lr, t.grad_checkpointing) == \
-        (0.55, 100, [1, 3], ["mlp", "norm"], None, True)
+    cfg = cli.parse(RunConfig, ["--model", "m", "--out", "o", "--ds", "x.json", "--mod.threshold", "0.55",
+                                "--train.max_steps=100", "--mod.layers", "[1,3]", "--train.train_modules",
+                                "[mlp,norm]", "--train.router_lr", "null", "--train.grad_checkpointing", "true"])
+    t, m = cfg.train, cfg.mod
+    assert (cfg.ds, m.threshold, t.max_steps, m.layers, t.train_modules, t.router_lr, t.grad_checkpointing) == \
+        ("x.json", 0.55, 100, [1, 3], ["mlp", "norm"], None, True)
+    base = ["--model", "m", "--out", "o"]
     with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
-        apply_overrides({"train": t}, [("train.max_step", "3")])
-    with pytest.raises(ConfigError, match="did you mean 'train'"):
-        apply_overrides({"train": t}, [("trian.lr", "3")])
-    with pytest.raises(ConfigError, match="expected int"):
-        apply_overrides({"train": t}, [("train.max_steps", "many")])
-    with pytest.raises(ConfigError, match="boolean"):
-        apply_overrides({"train": t}, [("train.grad_checkpointing", "maybe")])
+        cli.parse(RunConfig, base + ["--train.max_step", "3"])
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        cli.parse(RunConfig, base + ["--trian.lr", "3"])
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        cli.parse(RunConfig, base + ["--train.max_steps", "many"])
+    with pytest.raises(ConfigError, match="train.grad_checkpointing"):
+        cli.parse(RunConfig, base + ["--train.grad_checkpointing", "maybe"])
+    with pytest.raises(ConfigError, match="'threshold', 'topk'"):
+        cli.parse(RunConfig, base + ["--mod.routing", "topkk"])
+    with pytest.raises(ConfigError, match="TrainConfig.log_every=0"):
+        cli.parse(RunConfig, base + ["--train.log_every", "0"])
+
+
+def test_yaml_is_typed_by_the_dataclasses(tmp_path):
+    """`lr: 1e-4` (a string to PyYAML) arrives as a float; a typo in a file is refused with the closest key;
+    the shipped main-job YAML is a complete RunConfig."""
+    good = tmp_path / "run.yaml"
+    good.write_text("model: m\nout: o\ntrain:\n  lr: 1e-4\n  betas: [0.9, 0.99]\nmod:\n  layers: all\n")
+    cfg = cli.parse(RunConfig, ["--config", str(good), "--train.lr", "2e-4"])
+    assert cfg.train.lr == 2e-4 and isinstance(cfg.train.betas[0], float) and cfg.mod.layers == "all"
+    assert cli.parse(RunConfig, ["--config", str(good)]).train.lr == 1e-4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nout: o\ntrain:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        cli.parse(RunConfig, ["--config", str(bad)])
+    main = cli.parse(RunConfig, ["--config", "launch/main_cpu.yaml"])
+    assert main.train.lr == 1e-4 and main.mod.target_rate == 0.5 and main.probe_init and main.eval.lengths
+
+
+@pytest.mark.parametrize("launcher", ["adapt.py", "main.py", "eval.py", "bench.py", "ablate.py", "export.py",
+                                      "bench_train.py", "build_data.py", "bench_data.py", "fetch_corpus.py",
+                                      "slurm/plan.py"])
+def test_every_launcher_is_thin_and_documents_its_fields(launcher, capsys, monkeypatch):
+    """--help lists each field with its one-line doc; launchers stay thin and never edit sys.path."""
+    import importlib.util
+    path = Path("launch") / launcher
+    text = path.read_text()
+    assert "sys.path.insert" not in text and len(text.splitlines()) <= 85
+    spec = importlib.util.spec_from_file_location(f"launcher_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--config CONFIG" in out
+    if launcher in ("adapt.py", "main.py"):
+        assert "--train.lr" in out and "Peak learning rate of the base-model parameters" in out
+        assert "--mod.routing {threshold,topk}" in out
+
+
+def test_bad_setting_is_one_line_before_any_model(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "launch/adapt.py", "--model", str(tmp_path / "nowhere"), "--out",
+                          str(tmp_path / "o"), "--recipe", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "recipe file not found" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload", "zero3_tp2", "pipeline"])

@@ -11,8 +11,7 @@ import pytest
 from harness import free_port, losses, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch" / "slurm"))
-import plan  # noqa: E402
+from mod_train.parallel import cluster as plan  # noqa: E402  (what launch/slurm/plan.py runs)
 
 ADAPT = ["--ds", "ds_configs/zero3.json", "--model", "m", "--recipe", "r.yaml", "--out", "o", "--train.max_steps", "9"]
 

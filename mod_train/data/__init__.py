@@ -18,11 +18,16 @@ Public API (see docs/data.md for the recipe format, the resume design and throug
 - `stream.source_names[source_ids]` names the source of each token (per-source loss logging).
 - Offline corpus: `python launch/fetch_corpus.py` (mod_train.data.corpus.fetch_corpus).
 - Statistics / shards: mod_train.data.build (used by launch/build_data.py).
+- What a run trains on: `build_stream(recipe_or_"synthetic", seq_len=, seed=, dp_rank=, dp_world_size=)`
+  (streams.py): the recipe's length curriculum (`CurriculumStream`) or deterministic random rows
+  (`SyntheticStream`), both exactly resumable.
 """
 from mod_train.data.recipe import (DataConfig, DataError, HeldoutConfig, Recipe, SourceConfig, StageConfig,
                                    load_recipe)
 from mod_train.data.stream import (IGNORE_INDEX, TENSOR_KEYS, PackedStream, collate, heldout_documents,
                                    load_tokenizer)
+from mod_train.data.streams import CurriculumStream, SyntheticStream, build_stream
 
 __all__ = ["DataConfig", "DataError", "HeldoutConfig", "Recipe", "SourceConfig", "StageConfig", "load_recipe",
-           "IGNORE_INDEX", "TENSOR_KEYS", "PackedStream", "collate", "heldout_documents", "load_tokenizer"]
+           "IGNORE_INDEX", "TENSOR_KEYS", "PackedStream", "collate", "heldout_documents", "load_tokenizer",
+           "CurriculumStream", "SyntheticStream", "build_stream"]

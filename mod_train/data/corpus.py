@@ -208,18 +208,3 @@ def fetch_corpus(out: Optional[os.PathLike] = None, with_debian_docs: bool = Fal
     os.replace(tmp, out / "manifest.json")
     log(f"corpus written to {out}")
     return out
-
-
-def main(argv=None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help="output folder (default: $MOD_TRAIN_HOME/corpus)")
-    ap.add_argument("--with-debian-docs", action="store_true", help="also fetch Debian python3.11-doc (apt-get)")
-    ap.add_argument("--force", action="store_true", help="rebuild even if the manifest says it is up to date")
-    a = ap.parse_args(argv)
-    try:
-        fetch_corpus(a.out, a.with_debian_docs, a.force)
-    except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from mod_train.config import ConfigError
+
 SOURCE_TYPES = ("text", "jsonl", "parquet", "hub")
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """Any problem with a recipe or its inputs; the message names the source, file or key at fault."""
 
 

@@ -387,10 +387,12 @@ class PackedStream:
 
 
 def collate(rows: list[dict]) -> dict:
-    """Rows -> {input_ids, position_ids, doc_ids, labels, source_ids: LongTensor[B, S], sources, docs: lists}."""
-    out = {k: torch.stack([r[k] for r in rows]) for k in TENSOR_KEYS}
-    out["sources"] = [r["sources"] for r in rows]
-    out["docs"] = [r["docs"] for r in rows]
+    """Rows -> a batch: LongTensor[B, S] for each of TENSOR_KEYS the rows have (input_ids, position_ids,
+    doc_ids, labels, source_ids), and per-row lists of `sources` / `docs` where rows carry them (PackedStream)."""
+    out = {k: torch.stack([torch.as_tensor(r[k], dtype=torch.long) for r in rows]) for k in TENSOR_KEYS if k in rows[0]}
+    for k in ("sources", "docs"):
+        if k in rows[0]:
+            out[k] = [r[k] for r in rows]
     return out
 
 

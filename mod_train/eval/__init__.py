@@ -8,7 +8,6 @@
 - data.py:    whole held-out documents of a recipe, calibration text disjoint from them.
 - report.py:  dense vs MoD report (launch/eval.py).
 - plots.py:   PNGs (execution rate per layer, layer x position map, gate histogram, quality vs KV).
-- ablate.py:  the paper's ablation on the project's trainer (launch/ablate.py).
 - bench.py:   efficiency benchmark (launch/bench.py).
 """
 from mod_train.eval.metrics import PPLResult, RoutingStats, ideal_kv_fraction, perplexity, prefill, window_nll

@@ -17,50 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from mod_train.config import EvalConfig
 from mod_train.eval import metrics as M
 from mod_train.eval import plots
 from mod_train.eval.data import calibration_batches, load_eval_docs
-
-
-@dataclass
-class EvalConfig:
-    dense: str
-    """Dense HF model directory (the baseline, and the base of --mod-from-dense)."""
-    recipe: str = "data_recipes/offline_long_mix.yaml"
-    """Data recipe whose held-out split is evaluated (its tokenizer must match the models)."""
-    out: str = "runs/eval"
-    """Output directory of the report."""
-    mod: str | None = None
-    """Saved MoD model directory; None with mod_from_dense converts the dense model (untrained)."""
-    mod_from_dense: bool = False
-    """Evaluate an untrained conversion of `dense` with `mod_overrides` (routers as initialised)."""
-    mod_overrides: dict = field(default_factory=dict)
-    """MoDConfig fields for mod_from_dense (e.g. {'router_init': 'dense'})."""
-    lengths: list = field(default_factory=lambda: [512, 2048, 8192])
-    """Context lengths (window sizes) of the perplexity evaluation."""
-    max_docs: int | None = 4
-    """Held-out documents evaluated (None: all)."""
-    max_tokens: int | None = None
-    """Truncate each evaluated document to this many tokens (None: whole documents)."""
-    targets: list = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125])
-    """Target execution rates of the post-hoc calibration sweep (threshold routing)."""
-    sweep_length: int | None = None
-    """Context length of the sweep (None: the smallest of `lengths`)."""
-    calib_docs: int = 2
-    """Held-out documents used only for calibration (never evaluated)."""
-    calib_tokens: int = 2048
-    """Tokens of each calibration document used."""
-    prefill_tokens: int | None = None
-    """Tokens of the KV/prefill measurement (None: the largest length, capped by the first document)."""
-    dtype: str = "float32"
-    """Model dtype for evaluation."""
-    progress: bool = True
-    """tqdm progress bars."""
 
 
 def _load(cfg: EvalConfig):
@@ -97,6 +61,10 @@ def _fmt_bytes(b: float) -> str:
 def run_eval(cfg: EvalConfig) -> dict:
     from mod_train.data import load_recipe, load_tokenizer
     from mod_train.config import MoDConfig
+    cfg.validate()
+    if cfg.dense is None:
+        from mod_train.offline import resolve_model
+        cfg.dense = resolve_model("smollm2")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

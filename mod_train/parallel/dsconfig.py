@@ -9,10 +9,10 @@ import copy
 import json
 from pathlib import Path
 
-from mod_train.train.config import TrainConfig
+from mod_train.config import ConfigError, TrainConfig
 
 
-class DSConfigError(ValueError):
+class DSConfigError(ConfigError):
     """The DeepSpeed config cannot work for this run; the message says why and what to change."""
 
 

@@ -10,7 +10,7 @@ norm + LM head), so the pipelined model computes exactly what `model.forward` co
 
 The auxiliary loss travels with the activations so the last stage adds it to the LM loss; the
 pipeline engine scales the total by the accumulation steps like any loss. Routing statistics are
-recorded on the stage that owns the layer and all-reduced after each step.
+recorded on the stage that owns the layer (`StageStats`); the trainer all-reduces them after each step.
 """
 from __future__ import annotations
 
@@ -61,8 +61,10 @@ class LayerPipe(_Stage):
             a = R.aux_loss([term], m.mod_config, training_topk=not m._causal_routing(meta))
             aux = aux + a.float().reshape(1)
             st = R.routing_stats([term])[self.i]
-            rec = self._stats.setdefault(self.i, [0.0, 0.0, 0])
-            rec[0] += float(st["rate"]); rec[1] += float(st["gate"]); rec[2] += 1
+            rec = self._stats.layers.setdefault(self.i, [0.0, 0.0, 0])
+            rec[0] += float(st["rate"])
+            rec[1] += float(st["gate"])
+            rec[2] += 1
         return h, pos, doc, aux
 
 
@@ -77,21 +79,30 @@ class HeadPipe(_Stage):
         return self.lm_head(self.norm(h)), doc, aux
 
 
-class MoDPipelineModule:
-    """Factory (the DeepSpeed class is imported lazily)."""
+class StageStats:
+    """What this rank's stages saw since `clear()`: LM/aux loss sums (last stage only) and, per layer owned
+    here, the sums of realised rate and mean gate over micro-batches. The trainer reduces them over ranks."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.lm, self.aux, self.n_loss = 0.0, 0.0, 0
+        self.layers: dict[int, list] = {}  # layer -> [rate sum, gate sum, micro-batches]
 
 
 def build_pipeline_module(model, num_stages: int, partition: str = "uniform", act_ckpt_interval: int = 0):
+    """The MoD model as a DeepSpeed PipelineModule of `num_stages` stages; its `mod_stats` (StageStats)
+    collects losses and routing statistics of this rank's stages."""
     from deepspeed.pipe import PipelineModule
 
     if getattr(model.config, "tie_word_embeddings", False):
         raise ValueError("pipeline parallelism with tied input/output embeddings is not supported yet "
                          "(the embedding and LM head would live on different stages); use ZeRO-3 or AutoTP")
-    stats: dict = {}
+    stats = StageStats()
     layers = [EmbedPipe(model, stats)] + [LayerPipe(model, stats, i) for i in range(model.config.num_hidden_layers)]
     layers.append(HeadPipe(model, stats))
     vocab = model.config.vocab_size
-    last = {}
 
     def loss_fn(outputs, labels):
         logits, doc, aux = outputs
@@ -100,9 +111,9 @@ def build_pipeline_module(model, num_stages: int, partition: str = "uniform", ac
             labels[:, 1:][doc[:, 1:] != doc[:, :-1]] = -100  # never predict across a document boundary
         lm = model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
         aux = aux.reshape(()).to(lm.dtype)
-        last["lm"], last["aux"] = lm.detach(), aux.detach()
-        stats.setdefault("_loss", [0.0, 0.0])
-        stats["_loss"][0] += float(lm); stats["_loss"][1] += float(aux)
+        stats.lm += float(lm)
+        stats.aux += float(aux)
+        stats.n_loss += 1
         return lm + aux
 
     class _PM(PipelineModule):
@@ -119,82 +130,6 @@ def build_pipeline_module(model, num_stages: int, partition: str = "uniform", ac
                 p.data = torch.empty(0, dtype=p.dtype)
     pm.mod_stats = stats
     return pm
-
-
-def build_pipeline_engine(trainer, ds: dict):
-    """(engine, pipeline module) for `trainer` (mod_train.train.trainer.Trainer)."""
-    import deepspeed
-    from mod_train.train.trainer import lr_lambda, param_groups, set_trainable
-
-    if trainer.mod_cfg is None:
-        raise ValueError("pipeline training is implemented for MoD models (use ZeRO for the dense baseline)")
-    from mod_train.mod.convert import from_pretrained_mod
-    model = from_pretrained_mod(trainer.spec.model, trainer.mod_cfg, dtype=torch.float32)
-    tc = trainer.tc
-    pcfg = ds.get("pipeline", {})
-    pm = build_pipeline_module(model, dsconfig_stages(ds), pcfg.get("partition", "uniform"),
-                               int(pcfg.get("activation_checkpoint_interval", 0) or 0))
-    trainer.n_trainable, trainer.n_params = set_trainable(pm, tc)
-    groups = param_groups(pm, tc)
-    trainer.group_names = [g["name"] for g in groups]
-    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))  # noqa: E731
-    from mod_train.parallel import dsconfig
-    engine, _, _, _ = deepspeed.initialize(model=pm, model_parameters=groups, lr_scheduler=sched,
-                                           config=dsconfig.for_engine(ds))
-    trainer.accepts_doc_ids = True
-    return engine, pm
-
-
-def dsconfig_stages(ds):
-    from mod_train.parallel import dsconfig
-    return dsconfig.pp_stages(ds)
-
-
-def pipeline_step(trainer) -> dict:
-    """One optimizer step through the pipeline; returns metrics (averaged over DP and micro-batches)."""
-    import torch.distributed as dist
-    from mod_train.train.data import collate
-
-    tc = trainer.tc
-    pm = trainer.model
-    stats = pm.mod_stats
-    stats.clear()
-
-    def batches():
-        for _ in range(tc.grad_accum):
-            b = collate([next(trainer.stream) for _ in range(tc.micro_batch_size)])
-            trainer._last_seq_len = b["input_ids"].shape[1]
-            yield (b["input_ids"], b["position_ids"], b["doc_ids"]), b["labels"]
-
-    eng = trainer.engine
-    if eng.is_first_stage() or eng.is_last_stage():
-        it = batches()
-    else:
-        it = None
-        trainer._last_seq_len = trainer._last_seq_len if hasattr(trainer, "_last_seq_len") else tc.seq_len or 0
-    eng.train_batch(data_iter=it)
-    L = pm._model_layers if hasattr(pm, "_model_layers") else None  # noqa: F841
-    n_layers = trainer.hf_cfg.num_hidden_layers
-    vec = torch.zeros(2 + 3 * n_layers, dtype=torch.float64)
-    if "_loss" in stats:
-        vec[0], vec[1] = stats["_loss"]
-    for i, (r, g, c) in ((k, v) for k, v in stats.items() if isinstance(k, int)):
-        vec[2 + i], vec[2 + n_layers + i], vec[2 + 2 * n_layers + i] = r, g, c
-    dist.all_reduce(vec)
-    # seq len may be unknown on middle stages: take the max over ranks
-    sl = torch.tensor([getattr(trainer, "_last_seq_len", 0) or 0], dtype=torch.long)
-    dist.all_reduce(sl, op=dist.ReduceOp.MAX)
-    trainer._last_seq_len = int(sl.item())
-    n = trainer.dp * tc.grad_accum
-    m = {"loss/lm": vec[0].item() / n, "loss/aux": vec[1].item() / n}
-    routed = [i for i in range(n_layers) if vec[2 + 2 * n_layers + i] > 0]
-    for i in routed:
-        c = vec[2 + 2 * n_layers + i].item()
-        m[f"routing/rate_l{i}"] = vec[2 + i].item() / c
-        m[f"routing/gate_l{i}"] = vec[2 + n_layers + i].item() / c
-    if routed:
-        m["routing/rate_mean"] = sum(m[f"routing/rate_l{i}"] for i in routed) / len(routed)
-    return m
 
 
 def state_dict_from_pipeline_checkpoint(ckpt_dir) -> dict:

@@ -3,94 +3,28 @@
     result = train(RunSpec(model="path/or/id", recipe="data_recipes/x.yaml", out="runs/x",
                            ds="ds_configs/zero3.json"), TrainConfig(...), MoDConfig(...))
 
+The engine comes from train/engine.py (plain or pipeline), one optimizer step from train/step.py.
 Losses: the model returns LM + auxiliary loss; `engine.backward` divides it by the accumulation
 steps, so both terms are scaled identically under gradient accumulation.
 """
 from __future__ import annotations
 
-import inspect
-import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mod_train.config import RunSpec, TrainConfig
+from mod_train.data import build_stream
 from mod_train.parallel import dist as pdist
 from mod_train.parallel import dsconfig
 from mod_train.train import checkpoint as ckpt
-from mod_train.train.config import TrainConfig
-from mod_train.train.data import build_stream, collate
+from mod_train.train.engine import build_engine
 from mod_train.train.logger import MetricsLogger
+from mod_train.train.step import pipeline_step, plain_step
 
-MAX_SOURCES = 16
-
-
-@dataclass
-class RunSpec:
-    model: str
-    """HF directory or hub id of the dense model to convert."""
-    out: str
-    """Output directory: checkpoints/, metrics.jsonl, wandb/."""
-    ds: str | dict = "ds_configs/zero1.json"
-    """DeepSpeed config (path or dict); "auto" values are filled from TrainConfig."""
-    recipe: str = "synthetic"
-    """Data recipe YAML, or 'synthetic' for random tokens."""
-    dense: bool = False
-    """Train the unmodified dense model (baseline) instead of the MoD model."""
-    tokenizer: str | None = None
-    """Tokenizer location if not the model directory."""
-
-
-# -- optimisation pieces ---------------------------------------------------------------------------
-
-def set_trainable(model, tc: TrainConfig) -> tuple[int, int]:
-    n_train = n_all = 0
-    for n, p in model.named_parameters():
-        if tc.trainable == "full":
-            p.requires_grad_(True)
-        elif tc.trainable == "routers":
-            p.requires_grad_("router" in n)
-        else:
-            p.requires_grad_("router" in n or any(s in n for s in tc.train_modules))
-        k = getattr(p, "ds_numel", p.numel())
-        n_all += k
-        n_train += k if p.requires_grad else 0
-    if n_train == 0:
-        raise ValueError(f"trainable={tc.trainable!r} selects no parameter (does the model have routers?)")
-    return n_train, n_all
-
-
-def param_groups(model, tc: TrainConfig) -> list[dict]:
-    from mod_train.parallel.zero3 import full_shape
-    router, decay, no_decay = [], [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if "router" in n:
-            router.append(p)
-        elif len(full_shape(p)) >= 2 and "norm" not in n:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": tc.weight_decay, "lr": tc.lr, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "lr": tc.lr, "name": "no_decay"},
-        {"params": router, "weight_decay": 0.0, "lr": tc.router_lr or tc.lr, "name": "router"},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def lr_lambda(tc: TrainConfig):
-    def f(step: int) -> float:  # step = optimizer steps completed
-        if step < tc.warmup_steps:
-            return (step + 1) / (tc.warmup_steps + 1)
-        span = max(1, tc.max_steps - tc.warmup_steps)
-        prog = min(1.0, (step - tc.warmup_steps) / span)
-        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
-    return f
-
+__all__ = ["RunSpec", "Trainer", "train"]
 
 # -- signals ---------------------------------------------------------------------------------------
 
@@ -134,9 +68,7 @@ class Trainer:
 
     # ---- setup ----
     def setup(self):
-        import deepspeed
         from transformers import AutoConfig
-        from mod_train.parallel.zero3 import build_model
 
         tc = self.tc
         self._seed(tc.seed)
@@ -153,41 +85,26 @@ class Trainer:
             if self.rank == 0:
                 print("[mod_train] per-GPU memory estimate:\n" + est.table(gib), flush=True)
             memory.check(est, gib)
-        if self.pp > 1:
-            from mod_train.parallel.pipeline import build_pipeline_engine
-            self.engine, self.model = build_pipeline_engine(self, ds)
-        else:
-            model, self._keep = build_model(self.spec.model, self.mod_cfg, ds, dtype=torch.float32)
-            self.n_trainable, self.n_params = set_trainable(model, tc)
-            if tc.grad_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.config.use_cache = False
-            if self.before_engine is not None:
+        hook = None
+        if self.before_engine is not None and self.pp == 1:
+            def hook(model):
                 self.dp_rank = self.rank // self.tp
-                self.stream = build_stream(self.spec.recipe, seq_len=tc.seq_len, seed=tc.seed, dp_rank=self.dp_rank,
-                                           dp_world_size=self.dp, vocab_size=hf_cfg.vocab_size)
+                self.stream = self._stream()
                 self.before_engine(self, model)
-            groups = param_groups(model, tc)
-            self.group_names = [g["name"] for g in groups]
-            sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))  # noqa: E731
-            mpu = None
-            if self.tp > 1:
-                from mod_train.parallel.autotp import tp_groups
-                mpu = tp_groups(self.tp)
-            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, mpu=mpu,
-                                                        lr_scheduler=sched, config=dsconfig.for_engine(ds))
-            self.model = self.engine.module
-            fwd = inspect.signature(type(self.model).forward).parameters
-            self.accepts_doc_ids = "doc_ids" in fwd
+        self.built = build_engine(self.spec, tc, self.mod_cfg, ds, tp=self.tp, before_engine=hook)
+        self.engine, self.model = self.built.engine, self.built.model
+        self.group_names = self.built.group_names
+        self.n_trainable, self.n_params = self.built.n_trainable, self.built.n_params
         # data: ranks of one TP group (consecutive global ranks) read the same shard
-        self.dp_rank = self.rank // self.tp if self.pp == 1 else self._pipe_dp_rank()
-        self.stream = build_stream(self.spec.recipe, seq_len=tc.seq_len, seed=tc.seed, dp_rank=self.dp_rank,
-                                   dp_world_size=self.dp, vocab_size=hf_cfg.vocab_size)
+        self.dp_rank = self.rank // self.tp if self.pp == 1 else self.engine.grid.get_data_parallel_id()
+        self.stream = self._stream()
         self.step = 0
         self.tokens = 0
 
-    def _pipe_dp_rank(self):
-        return self.engine.grid.get_data_parallel_id()
+    def _stream(self):
+        return build_stream(self.spec.recipe, seq_len=self.tc.seq_len, seed=self.tc.seed, dp_rank=self.dp_rank,
+                            dp_world_size=self.dp, vocab_size=self.hf_cfg.vocab_size,
+                            overrides=getattr(self.spec, "data", None))
 
     def _seed(self, seed):
         import random
@@ -255,63 +172,16 @@ class Trainer:
         return tag
 
     # ---- one optimizer step ----
-    def _forward(self, batch):
-        kw = {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"]}
-        if self.accepts_doc_ids and "doc_ids" in batch:
-            kw["doc_ids"] = batch["doc_ids"]
-        dev = self.engine.device
-        kw = {k: v.to(dev) for k, v in kw.items()}
-        return self.engine(**kw)
-
     def train_step(self, want_metrics: bool) -> dict:
-        tc = self.tc
-        lm_sum = torch.zeros(()); aux_sum = torch.zeros(())
-        rates, gates = {}, {}
-        src_loss = torch.zeros(MAX_SOURCES, dtype=torch.float64); src_cnt = torch.zeros(MAX_SOURCES, dtype=torch.float64)
-        for _ in range(tc.grad_accum):
-            batch = collate([next(self.stream) for _ in range(tc.micro_batch_size)])
-            self._last_seq_len = batch["input_ids"].shape[1]
-            out = self._forward(batch)
-            loss = out.loss
-            aux = getattr(out, "aux_loss", None)
-            aux = aux.detach().float() if isinstance(aux, torch.Tensor) else torch.zeros(())
-            self.engine.backward(loss)
-            self.engine.step()
-            lm_sum += loss.detach().float().cpu() - aux.cpu()
-            aux_sum += aux.cpu()
-            for j, r in (getattr(out, "routing", None) or {}).items():
-                rates[j] = rates.get(j, 0.0) + float(r["rate"])
-                gates[j] = gates.get(j, 0.0) + float(torch.as_tensor(r["gate"]).float().mean())
-            if want_metrics and tc.per_source_loss and "source_ids" in batch and getattr(out, "logits", None) is not None:
-                with torch.no_grad():
-                    logits = out.logits[:, :-1].float()
-                    tgt = batch["labels"][:, 1:].to(logits.device)
-                    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                                                            ignore_index=-100, reduction="none").cpu().double()
-                    src = batch["source_ids"][:, 1:].reshape(-1)
-                    valid = ((tgt.reshape(-1).cpu() != -100) & (src >= 0) & (src < MAX_SOURCES)).double()
-                    src = src.clamp(0, MAX_SOURCES - 1)
-                    src_loss.index_add_(0, src, tok * valid)
-                    src_cnt.index_add_(0, src, valid)
-        layers = sorted(rates)
-        vec = torch.cat([torch.stack([lm_sum, aux_sum]).double(),
-                         torch.tensor([rates[j] for j in layers] + [gates[j] for j in layers], dtype=torch.float64),
-                         src_loss, src_cnt])
-        import torch.distributed as dist
-        dist.all_reduce(vec)
-        n = self.world * tc.grad_accum
-        m = {"loss/lm": vec[0].item() / n, "loss/aux": vec[1].item() / n}
-        L = len(layers)
-        for i, j in enumerate(layers):
-            m[f"routing/rate_l{j}"] = vec[2 + i].item() / n
-            m[f"routing/gate_l{j}"] = vec[2 + L + i].item() / n
-        if L:
-            m["routing/rate_mean"] = sum(m[f"routing/rate_l{j}"] for j in layers) / L
-        sl, sc = vec[2 + 2 * L:2 + 2 * L + MAX_SOURCES], vec[2 + 2 * L + MAX_SOURCES:]
-        names = list(getattr(self.stream, "source_names", []) or [])
-        for s in range(MAX_SOURCES):
-            if sc[s] > 0:
-                m[f"loss/source_{names[s] if s < len(names) else s}"] = (sl[s] / sc[s]).item()
+        """One optimizer step (plain or pipeline engine); metrics averaged over ranks and micro-batches."""
+        n_layers = self.hf_cfg.num_hidden_layers
+        if self.built.pipeline:
+            sums = pipeline_step(self.engine, self.model, self.stream, self.tc, n_layers)
+        else:
+            sums = plain_step(self.engine, self.stream, self.tc, n_layers, self.built.accepts_doc_ids,
+                              per_source=want_metrics and self.tc.per_source_loss)
+        m = sums.reduce(getattr(self.stream, "source_names", None))
+        self._last_seq_len = sums.seq_len
         return m
 
     # ---- main loop ----
@@ -332,11 +202,7 @@ class Trainer:
         while self.step < tc.max_steps:
             t0 = time.perf_counter()
             want = (self.step + 1) % tc.log_every == 0
-            if self.pp > 1:
-                from mod_train.parallel.pipeline import pipeline_step
-                m = pipeline_step(self)
-            else:
-                m = self.train_step(want)
+            m = self.train_step(want)
             dt = time.perf_counter() - t0
             self.step += 1
             steps_here += 1

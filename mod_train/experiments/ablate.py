@@ -1,4 +1,4 @@
-"""The paper's ablation as one command (launch/ablate.py): variants trained from the same base model on
+"""The paper's ablation as one experiment (launch/ablate.py): variants trained from the same base model on
 the same tokens (same recipe, seed, steps, sequence length) with the project's trainer, then one table.
 
 Variants (names for --variants):
@@ -24,12 +24,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from mod_train.eval import metrics as M
 
 ROOT = Path(__file__).resolve().parents[2]
+Variant = Literal["dense", "threshold", "topk", "threshold_noaux", "threshold_block", "threshold_alpha"]
 ALL_VARIANTS = ("dense", "threshold", "topk", "threshold_noaux", "threshold_block", "threshold_alpha")
 DEFAULT_VARIANTS = ("dense", "threshold", "topk", "threshold_noaux", "threshold_block")
 
@@ -42,7 +44,7 @@ class AblationConfig:
     """Training recipe; its held-out split is the evaluation text."""
     out: str = "runs/ablate"
     """Output directory: one run directory per variant, results.json, table.md."""
-    variants: list = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    variants: list[Variant] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     """Variants to run (see the module docstring); topk needs threshold (its capacity) unless topk_capacity is set."""
     steps: int = 30
     """Optimizer steps per variant."""
@@ -56,9 +58,9 @@ class AblationConfig:
     """Peak learning rate of the routers (they must move within a short run)."""
     warmup_steps: int = 2
     """Linear warm-up steps."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision ('fp32' or 'bf16')."""
-    trainable: str = "full"
+    trainable: Literal["full", "routers", "routers+modules"] = "full"
     """'full', 'routers' or 'routers+modules' (TrainConfig.trainable)."""
     seed: int = 1234
     """Seed of the data order and of every run."""
@@ -73,7 +75,7 @@ class AblationConfig:
     init_rate: float | None = None
     """Start every routed variant from routers fitted to the token-importance probe and centred at this
     execution rate (fit_routers_to_importance on the first training rows); None: MoDConfig.router_init."""
-    mod_overrides: dict = field(default_factory=dict)
+    mod_overrides: dict[str, Any] = field(default_factory=dict)
     """MoDConfig fields applied to every variant (e.g. {'layers': 'odd'})."""
     eval_length: int = 1024
     """Context length of the held-out perplexity."""
@@ -135,9 +137,9 @@ def evaluate(model, docs: list[list[int]], cfg: AblationConfig, desc: str) -> di
 
 def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str):
     """Train one variant with the project's trainer (one plain process, world of one); returns the module."""
-    from mod_train.train.config import TrainConfig
-    from mod_train.train.trainer import RunSpec, Trainer
+    from mod_train.config import RunSpec, TrainConfig
     from mod_train.train.logger import read_metrics
+    from mod_train.train.trainer import Trainer
     run = Path(cfg.out) / name
     if run.exists():
         shutil.rmtree(run)  # every variant starts from the base model
@@ -147,7 +149,7 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str):
                      progress=cfg.progress, run_name=f"ablate-{name}")
     t0 = time.time()
     if cfg.init_rate is not None:
-        from mod_train.train.probe import probe_start
+        from mod_train.experiments.probe import probe_start
         model_path, _ = probe_start(model_path, mod_cfg, cfg.recipe, cfg.seq_len, run / "init_model", cfg.init_rate)
     tr = Trainer(RunSpec(model=model_path, out=str(run), ds=cfg.ds, recipe=cfg.recipe), tc, mod_cfg)
     status = tr.run()

@@ -1,4 +1,4 @@
-"""What the trainer needs from a data stream, a synthetic stream, and batching.
+"""The streams a run trains on: `build_stream(recipe)` -> the recipe's length curriculum, or synthetic rows.
 
 A stream is an iterator of packed rows (dicts of equal-length 1-D int tensors/lists: input_ids,
 position_ids, doc_ids, labels, optionally source_ids) with `state_dict()`/`load_state_dict()` so
@@ -63,14 +63,6 @@ class SyntheticStream:
         self.index = st["index"]
 
 
-def collate(rows: list[dict]) -> dict:
-    out = {}
-    for k in rows[0]:
-        if k in ("input_ids", "position_ids", "doc_ids", "labels", "source_ids"):
-            out[k] = torch.stack([torch.as_tensor(r[k], dtype=torch.long) for r in rows])
-    return out
-
-
 class CurriculumStream:
     """The recipe's length curriculum: stage after stage of mod_train.data.PackedStream rows; the
     state holds the stage index and the current stage's exact position."""
@@ -82,7 +74,7 @@ class CurriculumStream:
         self._open()
 
     def _open(self):
-        from mod_train.data import PackedStream
+        from mod_train.data.stream import PackedStream
         self.inner = PackedStream(self.recipe, tokenizer=self.tok, stage=self.stage, dp_rank=self.dp_rank,
                                   dp_world_size=self.dp_world, seq_len=self.seq_len)
         self.source_names = self.inner.source_names
@@ -110,15 +102,17 @@ class CurriculumStream:
 
 
 def build_stream(recipe: str, *, seq_len: int | None, seed: int, dp_rank: int, dp_world_size: int,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, overrides: dict | None = None):
     """A stream for `recipe`: 'synthetic[:vocab=V,doc=D]' (random tokens) or a data recipe YAML
-    (mod_train.data; the recipe names its tokenizer). `seq_len` overrides the recipe's stage lengths."""
+    (mod_train.data; the recipe names its tokenizer). `seq_len` overrides the recipe's stage lengths;
+    `overrides` are the recipe's dotted-key overrides (RunSpec.data)."""
     if recipe == "synthetic" or recipe.startswith("synthetic:"):
         opts = dict(kv.split("=") for kv in recipe.split(":", 1)[1].split(",")) if ":" in recipe else {}
         return SyntheticStream(seq_len or 2048, int(opts.get("vocab", vocab_size)), seed=int(opts.get("seed", seed)),
                                dp_rank=dp_rank, dp_world_size=dp_world_size, mean_doc_len=int(opts.get("doc", 0)))
-    from mod_train.data import load_recipe, load_tokenizer
-    rec = load_recipe(recipe)
+    from mod_train.data.recipe import load_recipe
+    from mod_train.data.stream import load_tokenizer
+    rec = load_recipe(recipe, **(overrides or {}))
     tok = load_tokenizer(rec)
     if vocab_size is not None and len(tok) > vocab_size:
         raise ValueError(f"the recipe's tokenizer ({rec.tokenizer}) has {len(tok)} tokens but the model's vocabulary "
