@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fetch the offline text corpus (idempotent): `python launch/fetch_corpus.py [--out DIR] [--with_debian_docs true]`.
+"""Fetch the offline text corpus (idempotent): `python launch/fetch_corpus.py [--out DIR] [--force true]`.
 
 See mod_train/data/corpus.py for what is fetched, the pinned checksums and the output format.
 """
@@ -13,8 +13,6 @@ from mod_train import cli
 class FetchConfig:
     out: Optional[str] = None
     """Output folder (default: $MOD_TRAIN_HOME/corpus)."""
-    with_debian_docs: bool = False
-    """Also fetch Debian python3.11-doc (apt-get)."""
     force: bool = False
     """Rebuild even if the manifest says it is up to date."""
 
@@ -23,7 +21,7 @@ def main(argv):
     cfg = cli.parse(FetchConfig, argv, prog="fetch_corpus.py", description=__doc__)
     from mod_train.data.corpus import CorpusError, fetch_corpus
     try:
-        fetch_corpus(cfg.out, cfg.with_debian_docs, cfg.force)
+        fetch_corpus(cfg.out, cfg.force)
     except CorpusError as e:
         raise cli.ConfigError(str(e)) from None
     return 0

@@ -8,15 +8,14 @@
 """
 from mod_train.config import MoDConfig, MoDConfigError
 from mod_train.mod.cache import MoDCache, kv_cache_bytes
-from mod_train.mod.convert import (SUPPORTED, UnsupportedModelError, calibrate_thresholds, fit_routers_to_importance,
-                                   from_pretrained_mod,
-                                   init_routers, modify, register_auto_classes)
+from mod_train.mod.calibrate import calibrate_thresholds, fit_routers_to_importance, random_routers
+from mod_train.mod.convert import (SUPPORTED, UnsupportedModelError, from_pretrained_mod, init_routers, modify,
+                                   register_auto_classes)
 from mod_train.mod.model import MoDCausalLMOutput, MoDMixin
 
 register_auto_classes()
 
 __version__ = "0.1.0"
-__all__ = ["MoDConfig", "MoDConfigError", "modify", "from_pretrained_mod", "calibrate_thresholds", "init_routers",
-           "fit_routers_to_importance",
-           "MoDCache", "kv_cache_bytes", "MoDMixin", "MoDCausalLMOutput", "UnsupportedModelError", "SUPPORTED",
-           "__version__"]
+__all__ = ["MoDConfig", "MoDConfigError", "modify", "from_pretrained_mod", "init_routers", "calibrate_thresholds",
+           "fit_routers_to_importance", "random_routers", "MoDCache", "kv_cache_bytes", "MoDMixin",
+           "MoDCausalLMOutput", "UnsupportedModelError", "SUPPORTED", "__version__"]

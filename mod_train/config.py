@@ -60,6 +60,14 @@ class MoDConfig:
     """If set, replace R by the calibration loss beta * sum_j (F_j - target) * S_j (see router.py)."""
     target_weight: float = 1.0
     """beta: weight of the target-rate calibration loss."""
+    target_scope: Literal["layer", "global"] = "layer"
+    """What target_rate constrains: each routed layer's rate ('layer'), or the token-weighted mean rate over all
+    routed layers ('global': one compute budget, each layer free to differ)."""
+    rate_floor: float = 0.0
+    """With target_scope='global': a routed layer running fewer than this share of tokens is pushed back up."""
+    gate_form: Literal["sigmoid", "ste"] = "sigmoid"
+    """Scale of an executed token's update: 'sigmoid' (the paper: x g) or 'ste' (x 1 forward, the gradient of g
+    backward, a straight-through gate: executed tokens keep their full update at conversion)."""
     topk_bce_weight: float = 0.01
     """Weight of top-k's BCE loss making sigmoid(r) > 0.5 agree with top-k membership."""
     impl: Literal["fast", "reference"] = "fast"
@@ -102,6 +110,11 @@ class MoDConfig:
             bad("alpha", "loss weights (alpha, target_weight, topk_bce_weight) must be >= 0")
         if self.target_rate is not None and not (0.0 < self.target_rate <= 1.0):
             bad("target_rate", f"{self.target_rate} must lie in (0, 1], e.g. 0.125")
+        for name, allowed in (("target_scope", ("layer", "global")), ("gate_form", ("sigmoid", "ste"))):
+            if getattr(self, name) not in allowed:
+                bad(name, f"got {getattr(self, name)!r}; choose one of {', '.join(map(repr, allowed))}")
+        if not 0.0 <= self.rate_floor < 1.0:
+            bad("rate_floor", f"{self.rate_floor} must lie in [0, 1)")
         if self.dense_first < 0 or self.dense_last < 0:
             bad("dense_first", "dense_first/dense_last must be >= 0")
         if isinstance(self.layers, str):
@@ -204,6 +217,22 @@ class TrainConfig:
     """Name substrings of extra modules trained with trainable='routers+modules' (e.g. ['norm', 'mlp'])."""
     grad_checkpointing: bool = False
     """Recompute decoder layers in backward to save activation memory."""
+    objective: Literal["lm", "kd", "lm+kd"] = "lm"
+    """'lm' (next-token loss), 'kd' (forward KL to the dense original's next-token distribution) or both."""
+    lm_weight: float = 1.0
+    """Weight of the LM loss when `objective` includes it."""
+    kd_weight: float = 1.0
+    """Weight of the KD loss when `objective` includes it."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of both distributions in the KD loss (scaled by T^2; Minitron: 1 is best)."""
+    rate_control: Literal["loss", "thresholds"] = "loss"
+    """How the execution rate follows MoDConfig.target_rate: 'loss' (the auxiliary loss moves the routers) or
+    'thresholds' (also, after every step the thresholds move to the scheduled quantile of the step's router
+    logits, so the realised rate follows the schedule exactly; per layer, or one common shift with global scope)."""
+    rate_warmup_steps: int = 0
+    """Anneal the target rate linearly from `rate_start` to MoDConfig.target_rate over this many steps (0: none)."""
+    rate_start: float = 1.0
+    """Target rate at step 0 of the anneal (1.0: every token runs, the dense model)."""
     seed: int = 1234
     """Seed of parameters' random parts, dropout and data order."""
     save_every: int = 500
@@ -244,6 +273,20 @@ class TrainConfig:
                 bad(name, "learning rates must be > 0, e.g. 3e-5")
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", "must lie in [0, 1]")
+        for name in ("lm_weight", "kd_weight"):
+            if getattr(self, name) < 0:
+                bad(name, "loss weights must be >= 0")
+        if not self.kd_temperature > 0:
+            bad("kd_temperature", "must be > 0 (1.0 is the usual choice)")
+        if self.rate_warmup_steps < 0:
+            bad("rate_warmup_steps", "must be >= 0 (0: no anneal)")
+        if not 0 < self.rate_start <= 1:
+            bad("rate_start", "an execution rate lies in (0, 1]")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the objective needs the dense original's predictions."""
+        return "kd" in self.objective
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -271,6 +314,8 @@ class EvalConfig:
     """Held-out documents evaluated (None: all)."""
     max_tokens: Optional[int] = None
     """Truncate each evaluated document to this many tokens (None: whole documents)."""
+    unseen: bool = True
+    """Also evaluate on the recipe's unseen-domain sources (heldout.unseen): perplexity, rates and KV there."""
     targets: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125])
     """Target execution rates of the post-hoc calibration sweep (threshold routing)."""
     sweep_length: Optional[int] = None
@@ -317,16 +362,22 @@ class RunSpec:
     """Tokenizer location if not the model directory."""
     data: dict[str, Any] = field(default_factory=dict)
     """Recipe overrides as dotted keys, e.g. {'seed': 3, 'stages.0.seq_len': 1024, 'sources.code.weight': 0.5}."""
+    teacher: Optional[str] = None
+    """Model the 'kd' objective distils (None: the model being converted, its own weights with routing off)."""
 
 
 @dataclass
 class RunConfig(RunSpec):
     """The root configuration of a run: every launcher parses (a part of) it."""
 
-    probe_init: bool = False
-    """Start from routers fitted to each layer's token-importance probe on the first training rows."""
+    init: Literal["dense", "probe", "allocated", "ranked"] = "dense"
+    """Start point: 'dense' (routers as mod.router_init), 'probe' (routers fitted to each layer's token-importance
+    probe, centred so every routed layer starts at init_rate), 'allocated' (one budget init_rate over all routed
+    layers by block influence: the least influential layers start skipped whole, which is static depth pruning,
+    the rest run, the tokens of the one partly-run layer chosen by the probe) or 'ranked' (one budget over all
+    (token, layer) pairs: those with the largest predicted update run, see fit_routers_to_importance pooled)."""
     init_rate: Optional[float] = None
-    """With probe_init: centre the routers so each routed layer starts at this execution rate (None: dense)."""
+    """Execution rate of the start point (probe: per layer, None = the dense gate; allocated: the mean, required)."""
     mod: MoDConfig = field(default_factory=MoDConfig)
     """The method (MoDConfig)."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -340,6 +391,9 @@ class RunConfig(RunSpec):
         self.eval.validate()
         if self.init_rate is not None and not 0 < self.init_rate <= 1:
             raise _bad("RunConfig", "init_rate", self.init_rate, "an execution rate lies in (0, 1], e.g. 0.5")
+        if self.init in ("allocated", "ranked") and self.init_rate is None:
+            raise _bad("RunConfig", "init_rate", None, f"init={self.init!r} needs the start's mean execution rate, "
+                       "e.g. 0.5")
 
 
 def _check_choices(obj) -> None:

@@ -128,8 +128,10 @@ TINY_TRAIN = dict(max_steps=4, seq_len=32, micro_batch_size=1, grad_accum=1, pre
 TINY_MOD = dict(router_init="zero", threshold=0.5, alpha=0.05, layers="odd")
 
 
-def train_worker(model, out, ds, train=None, mod=None, dense=False, recipe="synthetic", trace_routing=False):
-    """Runs mod_train.train.trainer.train in a harness rank; returns the result (+ routing trace)."""
+def train_worker(model, out, ds, train=None, mod=None, dense=False, recipe="synthetic", trace_routing=False,
+                 init_routers=None):
+    """Runs mod_train.train.trainer.train in a harness rank; returns the result (+ routing trace).
+    init_routers='random': token-dependent random routers (mod_train.random_routers) before the engine."""
     from mod_train import MoDConfig
     from mod_train.config import TrainConfig
     from mod_train.train.trainer import RunSpec, train as run
@@ -144,7 +146,18 @@ def train_worker(model, out, ds, train=None, mod=None, dense=False, recipe="synt
             if n.endswith("router"):
                 m.register_forward_hook(lambda mod, inp, out, n=n: trace.append((n, out.detach().float().clone())))
 
-    res = run(RunSpec(model=model, out=str(out), ds=ds, recipe=recipe, dense=dense), tc, mc, after_setup=probe)
+    from mod_train.train.trainer import Trainer
+    hook = None
+    if init_routers == "random":
+        from mod_train import random_routers
+
+        def hook(trainer, m):
+            import torch
+            with torch.no_grad():
+                random_routers(m, std=2.0)
+    t = Trainer(RunSpec(model=model, out=str(out), ds=ds, recipe=recipe, dense=dense), tc, mc, after_setup=probe,
+                before_engine=hook)
+    res = t.run()
     if trace_routing:
         res["trace"] = trace
     return res

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mod_train import MoDCache, MoDConfig, kv_cache_bytes, modify
+from mod_train import MoDCache, MoDConfig, kv_cache_bytes, modify, random_routers
 
-from conftest import randomize_routers, tiny_model
+from conftest import tiny_model
 
 
 def _model(routing="threshold", **kw):
-    return randomize_routers(modify(tiny_model(layers=4), MoDConfig(routing=routing, layers="odd", **kw)), std=1.5)
+    return random_routers(modify(tiny_model(layers=4), MoDConfig(routing=routing, layers="odd", **kw)), std=1.5)
 
 
 def _left_padded(B=3, S=16, seed=0):

@@ -3,16 +3,17 @@ gates at 1 reproduce the dense model, save/load, target-rate mode, gradient chec
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import mod_train
-from mod_train import MoDConfig, MoDConfigError, UnsupportedModelError, modify
+from mod_train import MoDConfig, MoDConfigError, UnsupportedModelError, modify, random_routers
 from mod_train.mod.layer import routed_layer_fast
 
-from conftest import randomize_routers, tiny_model
+from conftest import tiny_model
 
 
 def _batch(B=3, S=24, pad=True, seed=1):
@@ -33,9 +34,9 @@ def _packed(B=2, S=24, seed=2):
 
 
 def _pair(routing, **kw):
-    fast = randomize_routers(modify(tiny_model(), MoDConfig(routing=routing, capacity=0.5, layers="all", **kw)))
+    fast = random_routers(modify(tiny_model(), MoDConfig(routing=routing, capacity=0.5, layers="all", **kw)))
     ref = copy.deepcopy(fast)
-    ref.config.mod = {**ref.config.mod, "impl": "reference"}
+    ref.set_mod_config(dataclasses.replace(ref.mod_config, impl="reference"))
     return fast, ref
 
 
@@ -71,7 +72,7 @@ def test_fast_equals_reference(routing, inputs):
 
 
 def test_skipped_token_has_no_influence():
-    m = randomize_routers(modify(tiny_model(), MoDConfig(layers=[1])))
+    m = random_routers(modify(tiny_model(), MoDConfig(layers=[1])))
     layer = m.model.layers[1]
     ids, _ = _batch(B=2, pad=False)
     h, meta = m.mod_embed(ids)
@@ -115,7 +116,7 @@ def test_gates_at_one_reproduce_dense_logits(arch):
 
 def test_packed_documents_do_not_see_each_other():
     """In dense and routed layers: changing document 1 leaves document 2's logits unchanged."""
-    m = randomize_routers(modify(tiny_model(), MoDConfig(layers="odd")))
+    m = random_routers(modify(tiny_model(), MoDConfig(layers="odd")))
     ids, pos = _packed(B=1)
     ids2 = ids.clone()
     ids2[0, :10] = torch.randint(1, 128, (10,))
@@ -135,7 +136,7 @@ def test_packed_documents_do_not_see_each_other():
 def test_save_load_roundtrip(tmp_path):
     cfg = MoDConfig(routing="threshold", threshold=0.6, layers=[1, 2], alpha=0.05, router_init="zero",
                     router_input="norm", layer_thresholds={2: 0.7}, gate="block")
-    m = randomize_routers(modify(tiny_model(), cfg))
+    m = random_routers(modify(tiny_model(), cfg))
     ids, mask = _batch()
     with torch.no_grad():
         ref = m(input_ids=ids, attention_mask=mask).logits
@@ -164,7 +165,7 @@ def test_from_pretrained_mod_of_dense_checkpoint(tmp_path):
 def test_target_rate_mode_moves_rate_towards_target():
     torch.manual_seed(0)
     m = modify(tiny_model(layers=4), MoDConfig(router_init="dense", target_rate=0.25, target_weight=5.0))
-    randomize_routers(m, std=0.3, bias=float(MoDConfig().init_logit()))
+    random_routers(m, std=0.3, bias=float(MoDConfig().init_logit()))
     params = [p for n, p in m.named_parameters() if "router" in n]
     opt = torch.optim.Adam(params, lr=0.05)
     ids, mask = _batch(B=4, S=32, pad=False)
@@ -181,7 +182,7 @@ def test_target_rate_mode_moves_rate_towards_target():
 
 
 def test_layer_load_loss_value():
-    m = randomize_routers(modify(tiny_model(), MoDConfig(alpha=0.5)))
+    m = random_routers(modify(tiny_model(), MoDConfig(alpha=0.5)))
     ids, _ = _batch(pad=False)
     out = m(input_ids=ids, labels=ids)
     expect = sum(0.5 * v["rate"] * v["gate"] for v in out.routing.values())
@@ -190,7 +191,7 @@ def test_layer_load_loss_value():
 
 
 def test_gradient_checkpointing_same_loss_and_grads():
-    a = randomize_routers(modify(tiny_model(), MoDConfig(layers="all")))
+    a = random_routers(modify(tiny_model(), MoDConfig(layers="all")))
     b = copy.deepcopy(a)
     b.activation_checkpointing_enable()
     ids, mask = _batch()
@@ -207,7 +208,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
 
 
 def test_calibration_hits_target_rate():
-    m = randomize_routers(modify(tiny_model(), MoDConfig(layers="all")), std=2.0)
+    m = random_routers(modify(tiny_model(), MoDConfig(layers="all")), std=2.0)
     ids, _ = _batch(B=4, S=64, pad=False)
     th = mod_train.calibrate_thresholds(m, [{"input_ids": ids}], 0.25)
     assert set(th) == set(m.routed_layers)
@@ -265,7 +266,7 @@ def test_varlen_segments_match_masked_attention():
 
 
 def test_aux_loss_trains_routers_only():
-    m = randomize_routers(modify(tiny_model(), MoDConfig(alpha=1.0)))
+    m = random_routers(modify(tiny_model(), MoDConfig(alpha=1.0)))
     m.train()
     ids, _ = _batch(pad=False)
     out = m(input_ids=ids)
@@ -298,3 +299,70 @@ def test_router_probe_orders_tokens_by_layer_importance():
     assert all(abs(v["rate"].item() - 0.3) < 0.02 for v in out.routing.values()), out.routing
     with pytest.raises(ValueError, match="rate"):
         fit_routers_to_importance(m, [{"input_ids": ids}], rate=0.0)
+
+
+def test_random_routers_draws_and_calibrates():
+    m = modify(tiny_model(layers=4), MoDConfig(layers="all"))
+    random_routers(m, seed=5, std=2.0, bias=0.25)
+    g = torch.Generator().manual_seed(5)
+    for i in m.routed_layers:  # one generator, routed layers in order
+        r = m.model.layers[i].router
+        expect = torch.randn(r.weight.shape, generator=g) * 2.0 / r.weight.shape[1] ** 0.5
+        assert torch.equal(r.weight.detach(), expect) and float(r.bias.detach()) == 0.25
+    ids, _ = _batch(B=4, S=64, pad=False)
+    random_routers(m, seed=5, batches=[{"input_ids": ids}], rate=0.25)
+    assert set(m.mod_config.layer_thresholds) == set(m.routed_layers)
+    with torch.no_grad():
+        out = m(input_ids=ids)
+    assert all(abs(v["rate"].item() - 0.25) < 0.03 for v in out.routing.values())
+    with pytest.raises(ValueError, match="both"):
+        random_routers(m, rate=0.5)
+
+
+def test_mod_config_is_typed_and_written_one_way(tmp_path):
+    import json
+    cfg = MoDConfig(layers=[1, 3], layer_thresholds={3: 0.7})
+    m = modify(tiny_model(), cfg)
+    assert isinstance(m.mod_config, MoDConfig) and m.mod_config == cfg
+    assert m.config.mod == cfg.to_dict()
+    cfg.threshold = 0.3  # the model holds its own copy
+    assert m.mod_config.threshold == 0.5
+    m.set_mod_config(dataclasses.replace(m.mod_config, threshold=0.6))
+    assert m.mod_config.threshold == 0.6 and m.config.mod["threshold"] == 0.6
+    m.save_pretrained(tmp_path)  # the saved format: config.json's `mod` dict
+    assert json.loads((tmp_path / "config.json").read_text())["mod"] == m.mod_config.to_dict()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).mod_config == m.mod_config
+    m.config.mod = {**m.config.mod, "impl": "reference"}  # bypasses the typed config: refused, not ignored
+    with pytest.raises(RuntimeError, match="set_mod_config"):
+        m(input_ids=_batch(pad=False)[0])
+
+
+def test_selection_returns_the_layer_threshold():
+    from mod_train.mod import router as R
+    z = torch.tensor([[-1.0, 0.0, 1.0, 2.0]])
+    cfg = MoDConfig(layer_thresholds={1: 0.8})
+    sel, p = R.select(z, None, cfg, 1, causal=True)
+    assert p == 0.8 and sel.tolist() == [[False, False, False, True]]
+    sel, p = R.select(z, None, cfg, 0, causal=True)
+    assert p == 0.5 and sel.tolist() == [[False, True, True, True]]
+    sel, p = R.select(z, None, MoDConfig(routing="topk", capacity=0.5, threshold=0.9), 1, causal=False)
+    assert p == 0.5 and sel.tolist() == [[False, False, True, True]]
+
+
+def test_init_routers_gathers_partitioned_routers():
+    import contextlib
+    from mod_train import init_routers
+    m = modify(tiny_model(), MoDConfig(layers=[1, 3]))
+    seen = []
+
+    @contextlib.contextmanager
+    def gather(params):
+        seen.append([p.shape for p in params])
+        yield
+
+    random_routers(m)
+    init_routers(m, gather=gather)
+    assert len(seen) == 2 and all(torch.all(m.model.layers[i].router.weight == 0) for i in (1, 3))
+    m.model.layers[3].router.weight.data = torch.empty(0)  # what a ZeRO-3 partition leaves on a rank
+    with pytest.raises(ValueError, match="partitioned"):
+        init_routers(m)

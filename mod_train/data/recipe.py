@@ -85,6 +85,10 @@ class HeldoutConfig:
     """Share of each source's documents held out, chosen by a seeded hash of the document."""
     titles: list[str] = field(default_factory=list)
     """Documents whose title is in this list are always held out (e.g. 'hamlet')."""
+    unseen: list[SourceConfig] = field(default_factory=list)
+    """Evaluation-only sources from domains that no training source contains (every document held out):
+    how the model does on text it never saw, reported apart from the in-domain held-out documents. Their
+    files are checked when evaluation reads them, not when training starts."""
 
 
 @dataclass
@@ -155,7 +159,10 @@ def _build(cls, raw: Any, where: str):
         kwargs["sources"] = [_build(SourceConfig, s, f"{where}: sources[{i}]") for i, s in enumerate(kwargs["sources"])]
         kwargs["stages"] = [_build(StageConfig, s, f"{where}: stages[{i}]") for i, s in enumerate(kwargs["stages"])]
         if "heldout" in kwargs and kwargs["heldout"] is not None:
-            kwargs["heldout"] = _build(HeldoutConfig, kwargs["heldout"], f"{where}: heldout")
+            h = dict(kwargs["heldout"])
+            h["unseen"] = [_build(SourceConfig, s, f"{where}: heldout.unseen[{i}]")
+                           for i, s in enumerate(h.get("unseen") or [])]
+            kwargs["heldout"] = _build(HeldoutConfig, h, f"{where}: heldout")
         elif "heldout" in kwargs:
             kwargs["heldout"] = HeldoutConfig()
     try:
@@ -273,6 +280,12 @@ def validate(recipe: Recipe, base: Path | None = None) -> None:
         check_seq_len(recipe, recipe.max_seq_len)
     if not 0 <= recipe.heldout.fraction < 1:
         raise DataError(f"heldout.fraction must be in [0, 1), got {recipe.heldout.fraction}")
+    for s in recipe.heldout.unseen:
+        if s.name in names:
+            raise DataError(f"heldout.unseen source '{s.name}': a training source has that name; an unseen "
+                            "domain must be a source no training mixture contains")
+        if s.type not in SOURCE_TYPES or (s.type != "hub" and not s.path):
+            raise DataError(f"heldout.unseen source '{s.name}': needs a type of {SOURCE_TYPES} and a path")
     if not 0 <= recipe.max_bad_fraction <= 1:
         raise DataError(f"max_bad_fraction must be in [0, 1], got {recipe.max_bad_fraction}")
     total = sum(s.weight for s in recipe.sources)

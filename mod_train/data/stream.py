@@ -396,9 +396,31 @@ def collate(rows: list[dict]) -> dict:
     return out
 
 
-def heldout_documents(recipe: Recipe, max_docs: Optional[int] = None) -> list[tuple[str, str, str]]:
+def unseen_recipe(recipe: Recipe) -> Recipe:
+    """The recipe's unseen-domain sources (heldout.unseen) as a recipe of their own, every document held out."""
+    import dataclasses
+    from pathlib import Path
+
+    from mod_train.data.recipe import HeldoutConfig, source_files
+    if not recipe.heldout.unseen:
+        raise DataError(f"recipe '{recipe.name}' has no heldout.unseen sources (evaluation-only domains)")
+    base = Path(recipe.path).resolve().parent if recipe.path else None
+    for s in recipe.heldout.unseen:
+        if s.type != "hub":
+            source_files(s, base)  # a missing file is named here, with the fetch hint
+    return dataclasses.replace(recipe, sources=list(recipe.heldout.unseen),
+                               heldout=HeldoutConfig(fraction=0.0, titles=[]))
+
+
+def heldout_documents(recipe: Recipe, max_docs: Optional[int] = None,
+                      domain: str = "in_domain") -> list[tuple[str, str, str]]:
     """Held-out whole documents as (title, source, text), in file order, balanced over sources
-    (at most ceil(max_docs / n_sources) per source, then trimmed to max_docs)."""
+    (at most ceil(max_docs / n_sources) per source, then trimmed to max_docs). `domain`: 'in_domain' (the
+    training sources' held-out documents) or 'unseen' (the heldout.unseen sources, every document)."""
+    if domain not in ("in_domain", "unseen"):
+        raise DataError(f"domain must be 'in_domain' or 'unseen', got {domain!r}")
+    if domain == "unseen":
+        recipe = unseen_recipe(recipe)
     per_source = None if max_docs is None else math.ceil(max_docs / len(recipe.sources))
     bad = _BadLines(recipe)
     per: list[list[tuple[str, str, str]]] = []
@@ -412,7 +434,7 @@ def heldout_documents(recipe: Recipe, max_docs: Optional[int] = None) -> list[tu
                 bad.record(src.name, entry.where, entry.file, str(e))
                 continue
             bad.ok(entry.file)
-            if is_heldout(recipe, src.name, title, text):
+            if domain == "unseen" or is_heldout(recipe, src.name, title, text):
                 found.append((title, src.name, text))
                 if per_source is not None and len(found) >= per_source:
                     break

@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -27,19 +28,19 @@ class BenchConfig:
     mod: str | None = None
     """Saved MoD model dir; default: convert `dense` with random router directions (latency depends only on
     how many tokens run, which calibration fixes)."""
-    lengths: list = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     """Context lengths (prefill sizes)."""
-    rates: list = field(default_factory=lambda: [0.5, 0.25, 0.125])
+    rates: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])
     """Target execution rates the MoD thresholds are calibrated to."""
     decode_tokens: int = 8
     """Decode steps timed after each prefill (0 disables decode)."""
     repeats: int = 2
     """Timed repetitions; the best is reported."""
-    train_lengths: list = field(default_factory=list)
+    train_lengths: list[int] = field(default_factory=list)
     """Lengths at which forward+backward time is also measured (e.g. [2048, 8192])."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Model dtype: float32 or bfloat16."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     out: str = "runs/bench"
     """Output dir for bench.json and bench.png."""
@@ -144,7 +145,7 @@ def _memory_child(dense_path, mod_path, dtype, mod_state, ids, n_decode, queue):
         model = mod_train.modify(AutoModelForCausalLM.from_pretrained(dense_path, dtype=dt), mod_train.MoDConfig())
     if mod_state is not None:
         model.load_state_dict(mod_state[1], strict=False)
-        model.set_mod_config(mod_train.MoDConfig.from_dict(mod_state[0]))
+        model.set_mod_config(mod_state[0])
     res = _prefill_decode(model.eval(), ids, n_decode, torch.device("cpu"), mod_state is not None)
     queue.put(res["peak_bytes"])
 
@@ -155,7 +156,7 @@ def _cpu_peak(dense_path, mod_path, dtype, mod, ids, n_decode) -> int:
     q = ctx.Queue()
     state = None
     if mod is not None:
-        state = (dict(mod.config.mod), {k: v.detach().clone() for k, v in mod.state_dict().items() if "router" in k})
+        state = (mod.mod_config, {k: v.detach().clone() for k, v in mod.state_dict().items() if "router" in k})
     p = ctx.Process(target=_memory_child, args=(dense_path, mod_path, dtype, state, ids.cpu(), n_decode, q))
     p.start()
     peak = q.get()
@@ -192,13 +193,8 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
     if cfg.mod:
         mod = mod_train.from_pretrained_mod(cfg.mod, dtype=dtype).to(device).eval()
     else:
-        mod = mod_train.modify(copy.deepcopy(dense), mod_train.MoDConfig()).eval()
-        g = torch.Generator().manual_seed(cfg.seed)
-        with torch.no_grad():
-            for i in mod.routed_layers:
-                r = mod.model.layers[i].router
-                r.weight.copy_(torch.randn(r.weight.shape, generator=g) / r.weight.shape[1] ** 0.5)
-                r.bias.zero_()
+        mod = mod_train.random_routers(mod_train.modify(copy.deepcopy(dense), mod_train.MoDConfig()).eval(),
+                                       seed=cfg.seed)
     max_len = max(cfg.lengths + list(cfg.train_lengths))
     ids_all = real_token_ids(tok, max_len).to(device)
     # thresholds are calibrated on the longest benchmark input (up to 8k tokens): latency depends only on
@@ -211,7 +207,7 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
         thresholds[rate] = mod_train.calibrate_thresholds(mod, [{"input_ids": calib}], rate)
 
     def use(rate):
-        mod.set_mod_config(mod_train.MoDConfig.from_dict({**mod.config.mod, "layer_thresholds": thresholds[rate]}))
+        mod.set_mod_config(replace(mod.mod_config, layer_thresholds=thresholds[rate]))
 
     results = {"config": asdict(cfg), "device": str(device), "model": dense_path, "rows": [], "train": []}
     n_jobs = len(cfg.lengths) * (1 + len(cfg.rates)) + len(cfg.train_lengths) * (1 + len(cfg.rates))

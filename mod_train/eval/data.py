@@ -24,14 +24,14 @@ def tokenize_docs(tokenizer, docs, max_tokens: int | None = None) -> list[EvalDo
 
 
 def load_eval_docs(recipe, tokenizer, max_docs: int | None, calib_docs: int = 2, max_tokens: int | None = None,
-                   calib_tokens: int = 2048) -> tuple[list[EvalDoc], list[EvalDoc]]:
+                   calib_tokens: int = 2048, domain: str = "in_domain") -> tuple[list[EvalDoc], list[EvalDoc]]:
     """(evaluated documents, calibration documents): the first `max_docs` held-out documents of the recipe,
     and up to `calib_docs` further held-out documents (never evaluated) for threshold calibration. Without
     spare held-out documents the calibration text comes from the recipe's training split (never evaluated
-    either)."""
+    either). `domain` 'unseen' reads the recipe's unseen-domain sources instead (heldout.unseen)."""
     from mod_train.data import heldout_documents
     want = None if max_docs is None else max_docs + calib_docs
-    docs = heldout_documents(recipe, max_docs=want)
+    docs = heldout_documents(recipe, max_docs=want, domain=domain)
     if not docs:
         raise ValueError(f"recipe {recipe.name!r} has no held-out documents: set heldout.titles or heldout.fraction")
     if max_docs is None or len(docs) <= max_docs:

@@ -102,6 +102,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     P = min(cfg.prefill_tokens or lengths[-1], len(ids[0]))
     pre_ids = torch.tensor(ids[0][:P])[None]
     res["prefill"] = {"dense": M.prefill(dense, pre_ids, repeats=2), "mod": M.prefill(mod, pre_ids, repeats=2)}
+    # -- the same on text from domains the training mixture never contains --
+    if cfg.unseen and recipe.heldout.unseen:
+        res.update(_unseen(cfg, recipe, tok, dense, mod, lengths))
     # -- quality against KV memory over calibrated target rates --
     sweep = []
     SL = cfg.sweep_length or lengths[0]
@@ -148,6 +151,31 @@ def run_eval(cfg: EvalConfig) -> dict:
     return res
 
 
+def _unseen(cfg: EvalConfig, recipe, tok, dense, mod, lengths) -> dict:
+    """Perplexity, realised rates and one prefill's KV bytes on the recipe's unseen-domain documents (rates do
+    not carry over from the training text: they are measured on this text)."""
+    docs, _ = load_eval_docs(recipe, tok, cfg.max_docs, 0, cfg.max_tokens, domain="unseen")
+    ids = [d.ids for d in docs]
+    n_tok = sum(len(x) for x in ids)
+    out = {"docs_unseen": [{"title": d.title, "source": d.source, "tokens": len(d.ids), "full_tokens": d.full_tokens}
+                           for d in docs], "ppl_unseen": {}, "routing_unseen": {}}
+    for L in lengths:
+        row = {}
+        for name, model in (("dense", dense), ("mod", mod)):
+            st = M.RoutingStats() if name == "mod" else None
+            with _bar(cfg, n_tok, f"{name} unseen ppl @{L}") as bar:
+                r = M.perplexity(model, ids, L, st, bar)
+            row[name] = {"ppl": r.ppl, "loss": r.loss, "tokens": r.tokens, "windows": r.windows}
+            if st is not None:
+                row["mod"]["rate"] = st.mean_rate()
+                out["routing_unseen"][str(L)] = st.to_dict()
+        out["ppl_unseen"][str(L)] = row
+    longest = max(range(len(ids)), key=lambda k: len(ids[k]))
+    pre = torch.tensor(ids[longest][:min(cfg.prefill_tokens or lengths[-1], len(ids[longest]))])[None]
+    out["prefill_unseen"] = {"dense": M.prefill(dense, pre), "mod": M.prefill(mod, pre)}
+    return out
+
+
 def mod_calibrate(model, batches, target: float) -> dict:
     """calibrate_thresholds, except target 1.0 = every token runs on any text (p at the smallest valid
     threshold; the calibration text's smallest gate need not bound the evaluated text's gates)."""
@@ -159,12 +187,13 @@ def mod_calibrate(model, batches, target: float) -> dict:
     return calibrate_thresholds(model, batches, target)
 
 
-def ppl_table(res: dict) -> list[str]:
-    """Markdown rows of the dense-vs-MoD perplexity table of a run_eval result (also the main job's)."""
+def ppl_table(res: dict, key: str = "ppl") -> list[str]:
+    """Markdown rows of the dense-vs-MoD perplexity table of a run_eval result (also the main job's);
+    key 'ppl_unseen' for the unseen-domain documents."""
     L = ["| context | dense ppl | MoD ppl | MoD / dense | MoD execution rate | windows | predicted tokens |",
          "|---:|---:|---:|---:|---:|---:|---:|"]
-    for n in sorted(int(k) for k in res["ppl"]):
-        r = res["ppl"][str(n)]
+    for n in sorted(int(k) for k in res[key]):
+        r = res[key][str(n)]
         L.append(f"| {n} | {r['dense']['ppl']:.3f} | {r['mod']['ppl']:.3f} | {r['mod']['ppl'] / r['dense']['ppl']:.3f} "
                  f"| {r['mod']['rate']:.3f} | {r['dense']['windows']} | {r['dense']['tokens']} |")
     return L
@@ -193,6 +222,7 @@ def render(res: dict, stats_by_len: dict) -> str:
     L.append("\n## Perplexity\n")
     L.append("Non-overlapping windows of each context length, token-weighted over all documents.\n")
     L += ppl_table(res)
+    L += unseen_section(res)
     L.append("\n## Routing per layer\n")
     L.append(f"Execution rate (share of tokens that ran the layer) per context length; mean gate, share of gates "
              f"within {M.NEAR_P} of p and threshold p at context {lengths[-1]}.\n")
@@ -234,3 +264,19 @@ def render(res: dict, stats_by_len: dict) -> str:
     elif res["mod_config"]["routing"] != "threshold":
         L.append("\n(No calibration sweep: post-hoc threshold calibration applies to threshold routing only.)\n")
     return "\n".join(L) + "\n"
+
+
+def unseen_section(res: dict) -> list[str]:
+    """The unseen-domain perplexity table and KV line of a run_eval result (empty without unseen text)."""
+    if not res.get("ppl_unseen"):
+        return ["\n(no unseen-domain text: the recipe has no heldout.unseen sources, or EvalConfig.unseen is off)"]
+    srcs = sorted({d["source"] for d in res["docs_unseen"]})
+    L = [f"\n## Perplexity on unseen domains ({', '.join(srcs)}: sources no training mixture contains)\n",
+         f"{len(res['docs_unseen'])} documents, {sum(d['tokens'] for d in res['docs_unseen'])} tokens; execution "
+         "rates measured on this text.\n"]
+    L += ppl_table(res, "ppl_unseen")
+    pre = res["prefill_unseen"]
+    kv_d, kv_m = pre["dense"]["kv_bytes"], pre["mod"]["kv_bytes"]
+    L.append(f"\nKV cache of one {pre['mod'].get('tokens')}-token prefill of unseen text: dense "
+             f"{kv_d / 2**20:.1f} MiB, MoD {kv_m / 2**20:.1f} MiB ({kv_d / max(kv_m, 1):.2f}x smaller)")
+    return L

@@ -3,7 +3,7 @@
     text = run_main(parse(RunConfig, ["--config", "launch/main_cpu.yaml"]))      # launch/main.py
 
 Phases (each prints a header and shows progress): the offline corpus -> the dense model -> the router probe
-(`probe_init`) -> adaptation on DeepSpeed (the same Trainer as launch/adapt.py) -> export -> evaluation
+(`init`) -> adaptation on DeepSpeed (the same Trainer as launch/adapt.py) -> export -> evaluation
 (mod_train.eval) -> <out>/REPORT.md, with the evaluation's tables and PNGs under <out>/eval/.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def run_main(cfg: RunConfig) -> str:
     ph.done("dense model")
 
     start_from = model_path
-    if cfg.probe_init:
+    if cfg.init != "dense":
         ph.start("router probe")
         start_from = start_point(dataclasses.replace(cfg, model=model_path), reuse=False)
         ph.done("router probe")
@@ -99,7 +99,7 @@ def _non_default(obj) -> dict:
 
 
 def render(cfg: RunConfig, status, metrics, res, seconds, total, torch_version) -> str:
-    from mod_train.eval.report import ppl_table
+    from mod_train.eval.report import ppl_table, unseen_section
     steps = sorted(metrics)
     lengths = sorted(int(k) for k in res["ppl"])
     L = ["# mod_train main job: MoDification of SmolLM2-135M on CPU", ""]
@@ -120,6 +120,7 @@ def render(cfg: RunConfig, status, metrics, res, seconds, total, torch_version) 
     L.append("")
     L.append("## Held-out perplexity, dense original vs MoD (whole held-out documents)")
     L += ppl_table(res)
+    L += unseen_section(res)
     layers = res["routing"][str(lengths[-1])]
     L.append("")
     L.append(f"## Realised execution rate per routed layer (context {lengths[-1]})")

@@ -1,7 +1,7 @@
 """A probe-initialised start point for adaptation: the dense model converted to MoD with each router fitted
 to the token-importance probe (mod_train.fit_routers_to_importance) on the first training rows, saved as a
 MoD checkpoint that the trainer starts from (it keeps a MoD checkpoint's routers). Used by the main job and
-the ablation, and by launch/adapt.py with `probe_init`; the held-out documents stay unseen until evaluation."""
+the ablation, and by launch/adapt.py with `init`; the held-out documents stay unseen until evaluation."""
 from __future__ import annotations
 
 import os
@@ -13,42 +13,62 @@ from mod_train.config import ConfigError, RunConfig
 
 
 def start_point(cfg: RunConfig, reuse: bool = True) -> str:
-    """The model a run starts from: `cfg.model`, or with `probe_init` the probe-fitted MoD checkpoint
-    <out>/init_model centred at `init_rate` (with `reuse`, one already there is taken as it is: a resumed
+    """The model a run starts from: `cfg.model` (init 'dense'), or the probe-fitted MoD checkpoint <out>/init_model
+    (init 'probe' / 'allocated', at `init_rate`; with `reuse`, one already there is taken as it is: a resumed
     run starts from its checkpoint anyway)."""
-    if not cfg.probe_init:
+    if cfg.init == "dense":
         return cfg.model
     init = Path(cfg.out) / "init_model"
     if reuse and (init / "config.json").is_file():
         return str(init)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"RunConfig.probe_init=True: the probe runs in one process and {init} does not exist "
+        raise ConfigError(f"RunConfig.init={cfg.init!r}: the probe runs in one process and {init} does not exist "
                           "yet; run the same command once as plain `python launch/adapt.py ...` (the launcher "
                           "re-uses it afterwards), or pass a probe start directory as --model")
     path, r2 = probe_start(cfg.model, cfg.mod, cfg.recipe, cfg.train.seq_len or 512, init, rate=cfg.init_rate,
-                           overrides=cfg.data)
+                           overrides=cfg.data, allocate=cfg.init == "allocated", pooled=cfg.init == "ranked")
     print(f"[mod_train] routers fitted to token importance: probe R^2 mean {sum(r2.values()) / len(r2):.2f}"
           + (f", starting at execution rate {cfg.init_rate}" if cfg.init_rate else ""), flush=True)
     return path
 
 
+def first_rows(recipe_path: str, seq_len: int, rows: int = 4, overrides: dict | None = None) -> list[dict]:
+    """The first `rows` packed training rows of `seq_len` tokens (input_ids, position_ids: documents restart)."""
+    from mod_train.data import PackedStream, load_recipe, load_tokenizer
+    recipe = load_recipe(recipe_path, **(overrides or {}))
+    stream = PackedStream(recipe, load_tokenizer(recipe), seq_len=seq_len, split="train")
+    return [{k: v[None] for k, v in next(stream).items() if k in ("input_ids", "position_ids")} for _ in range(rows)]
+
+
 def probe_start(model_path: str, mod_cfg, recipe_path: str, seq_len: int, out, rate: float | None = None,
-                rows: int = 4, overrides: dict | None = None) -> tuple[str, dict[int, float]]:
+                rows: int = 4, overrides: dict | None = None, allocate: bool = False,
+                pooled: bool = False) -> tuple[str, dict[int, float]]:
     """Fit the routers on `rows` packed training rows of `seq_len` tokens (document boundaries kept), centred
     at execution `rate` (None: at the dense init gate); save model and tokenizer to `out`. Returns the
-    directory and the probe's R^2 per routed layer."""
+    directory and the probe's R^2 per routed layer.
+
+    With `allocate`, `rate` is one budget over all routed layers, spent by block influence on the same rows
+    (mod_train.mod.prune.allocate_budget): each layer's router is centred at its own rate (0: the layer is
+    skipped whole, 1: it runs every token), so the start contains static depth pruning. With `pooled`, `rate` is
+    one budget over all (token, layer) pairs ranked by the probes' predicted update (init 'ranked')."""
     from transformers import AutoModelForCausalLM
 
     from mod_train import fit_routers_to_importance, modify
-    from mod_train.data import PackedStream, load_recipe, load_tokenizer
-    recipe = load_recipe(recipe_path, **(overrides or {}))
-    tok = load_tokenizer(recipe)
-    stream = PackedStream(recipe, tok, seq_len=seq_len, split="train")
-    batches = [{k: v[None] for k, v in next(stream).items() if k in ("input_ids", "position_ids")}
-               for _ in range(rows)]
-    model = modify(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), mod_cfg)
-    r2 = fit_routers_to_importance(model, batches, rate=rate)
+    from mod_train.data import load_recipe, load_tokenizer
+    from mod_train.mod.prune import allocate_budget, block_influence
+    batches = first_rows(recipe_path, seq_len, rows, overrides)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    rates = rate
+    if allocate:
+        if rate is None:
+            raise ConfigError("RunConfig.init_rate is required with init='allocated' (the start's mean rate)")
+        bi = block_influence(model.eval(), batches)
+        model = modify(model, mod_cfg)
+        rates = allocate_budget(bi, model.routed_layers, rate)
+    else:
+        model = modify(model, mod_cfg)
+    r2 = fit_routers_to_importance(model, batches, rate=rates, pooled=pooled)
     out = Path(out)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    load_tokenizer(load_recipe(recipe_path, **(overrides or {}))).save_pretrained(out)
     return str(out), r2

@@ -9,11 +9,15 @@ classes when `mod_train` is imported, so a saved MoD directory loads with
 
 `modify(model, cfg)` converts a model in memory without copying weights (it switches the instance to
 the MoD subclass and adds routers). `from_pretrained_mod(path, cfg)` loads a dense checkpoint straight
-into the MoD class; use it under DeepSpeed ZeRO-3 so the weights load already partitioned.
+into the MoD class; under DeepSpeed ZeRO-3 (weights loaded already partitioned) pass a `gather` (see
+`init_routers`), as mod_train.parallel.zero3.build_model does.
+
+Threshold calibration, the router probe and random routers live in calibrate.py.
 """
 from __future__ import annotations
 
-import math
+from contextlib import AbstractContextManager
+from typing import Callable, Iterable
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -24,8 +28,15 @@ from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 from mod_train.config import MoDConfig
+# moved to calibrate.py; re-exported (explicit `as`) for importers of the old path
+from mod_train.mod.calibrate import calibrate_thresholds as calibrate_thresholds
+from mod_train.mod.calibrate import fit_routers_to_importance as fit_routers_to_importance
 from mod_train.mod.model import MoDMixin
-from mod_train.mod.router import Router, logit, rate_quantile
+from mod_train.mod.router import Router
+
+Gather = Callable[[Iterable[torch.nn.Parameter]], AbstractContextManager]
+"""gather(params): a context in which partitioned parameters are whole and writable, re-partitioned with
+the written values on exit (e.g. mod_train.parallel.zero3.gathered_for_write under ZeRO-3)."""
 
 
 class UnsupportedModelError(ValueError):
@@ -34,7 +45,8 @@ class UnsupportedModelError(ValueError):
 
 def _mod_init(self, config):
     super(MoDMixin, self).__init__(config)  # the HF *ForCausalLM class
-    _add_routers(self, MoDConfig.from_dict(config.mod or {}))
+    self._bind_mod_config(MoDConfig.from_dict(config.mod or {}))
+    _add_routers(self, self.mod_config)
 
 
 @strict
@@ -135,17 +147,21 @@ def _add_routers(model, cfg: MoDConfig) -> None:
             layer.router = router
 
 
-def init_routers(model, cfg: MoDConfig | None = None) -> None:
-    """(Re)initialise every router per `cfg.router_init`. Under ZeRO-3 the partitioned router
-    parameters are gathered, written on rank 0 and re-partitioned, so no rank keeps an empty shard."""
+def init_routers(model, cfg: MoDConfig | None = None, gather: Gather | None = None) -> None:
+    """(Re)initialise every router per `cfg.router_init`.
+
+    `gather(params)`: a context manager that makes partitioned router parameters whole for the write and
+    re-partitions them on exit, so no rank keeps an empty shard; under DeepSpeed ZeRO-3 pass
+    mod_train.parallel.zero3.gathered_for_write. Without it, partitioned (empty) routers are refused."""
     cfg = cfg or model.mod_config
     for i in model.routed_layers:
         r = model.model.layers[i].router
-        params = [r.weight, r.bias]
-        if any(hasattr(p, "ds_id") for p in params):
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        if gather is not None:
+            with gather([r.weight, r.bias]):
                 r.reset(cfg)
+        elif r.weight.numel() == 0:
+            raise ValueError(f"the router of layer {i} is partitioned (empty on this rank): pass "
+                             "gather=mod_train.parallel.zero3.gathered_for_write")
         else:
             r.reset(cfg)
 
@@ -168,15 +184,17 @@ def modify(model, cfg: MoDConfig | None = None):
         if getattr(m, "config", None) is old_config:
             m.config = new_config
     model.__class__ = cls
-    _add_routers(model, cfg)
+    model._bind_mod_config(cfg)
+    _add_routers(model, model.mod_config)
     if hasattr(model, "generation_config") and model.generation_config is not None:
         model.generation_config.use_cache = True
     return model
 
 
-def from_pretrained_mod(path, cfg: MoDConfig | None = None, **hf_kwargs):
-    """Load a checkpoint as a MoD model: a dense HF checkpoint with `cfg` (routers freshly initialised),
-    or a saved MoD checkpoint (its own MoD settings unless `cfg` is given)."""
+def from_pretrained_mod(path, cfg: MoDConfig | None = None, gather: Gather | None = None, **hf_kwargs):
+    """Load a checkpoint as a MoD model: a dense HF checkpoint with `cfg` (routers freshly initialised,
+    through `gather` when partitioned: see `init_routers`), or a saved MoD checkpoint (its own MoD settings
+    unless `cfg` is given)."""
     config = AutoConfig.from_pretrained(path, **{k: v for k, v in hf_kwargs.items() if k in ("revision",)})
     if cfg is None:
         cfg = MoDConfig.from_dict(config.mod) if getattr(config, "mod", None) else MoDConfig()
@@ -184,101 +202,5 @@ def from_pretrained_mod(path, cfg: MoDConfig | None = None, **hf_kwargs):
     _, cls = _classes_for(config)
     model = cls.from_pretrained(path, config=new_config, **hf_kwargs)
     if not config.model_type.startswith("mod_"):
-        init_routers(model, cfg)  # fresh routers: never left to a generic initialiser
+        init_routers(model, cfg, gather)  # fresh routers: never left to a generic initialiser
     return model
-
-
-@torch.no_grad()
-def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] | None = None) -> dict[int, float]:
-    """Post-hoc calibration: per routed layer, the threshold p_j that makes the layer run `target_rate`
-    of the valid tokens of the held-out `batches` (dicts with input_ids and optional attention_mask).
-
-    Layers are calibrated in order in a single pass: layer j's gates are measured on hidden states
-    produced with layers < j already at their calibrated thresholds. Writes `layer_thresholds` into the
-    model's MoD config (threshold routing) and returns it."""
-    if not (0.0 < target_rate <= 1.0):
-        raise ValueError(f"target_rate {target_rate} must lie in (0, 1]")
-    cfg = model.mod_config
-    if cfg.routing != "threshold":
-        raise ValueError("post-hoc calibration applies to threshold routing; for top-k set capacity instead")
-    was_training = model.training
-    model.eval()
-    batches = list(batches)
-    states = [model.mod_embed(b["input_ids"], b.get("attention_mask"), b.get("position_ids")) for b in batches]
-    hs = [s[0] for s in states]
-    metas = [s[1] for s in states]
-    thresholds = dict(cfg.layer_thresholds)
-    for i in range(model.config.num_hidden_layers):
-        layer = model.model.layers[i]
-        if hasattr(layer, "router") and (layers is None or i in layers):
-            logits = []
-            for h, meta in zip(hs, metas):
-                z = layer.router(layer.input_layernorm(h) if cfg.router_input == "norm" else h)
-                logits.append(z[meta.slots.valid] if meta.slots.valid is not None else z.reshape(-1))
-            z = torch.cat(logits).double()
-            # the (1 - target) quantile of the logits (not of the gates, which saturate in fp32), as p in
-            # float64; selection compares logits, so p this close to 0 or 1 keeps its meaning
-            q = rate_quantile(z, target_rate)
-            thresholds[i] = min(max(1.0 / (1.0 + math.exp(-q)), 1e-15), 1 - 1e-15)
-            cfg = MoDConfig.from_dict({**cfg.to_dict(), "layer_thresholds": thresholds})
-            model.set_mod_config(cfg)
-        hs = [model.mod_layer(i, h, meta)[0] for h, meta in zip(hs, metas)]
-    model.train(was_training)
-    return thresholds
-
-
-@torch.no_grad()
-def fit_routers_to_importance(model, batches, ridge: float = 1e-3, rate: float | None = None) -> dict[int, float]:
-    """Data-driven router initialisation (ours; the paper leaves router init open).
-
-    For each routed layer, in order, the router becomes a ridge-regression probe of how much the layer
-    changes each token: y = log(||f(h)|| / ||h||), f = the layer's full (unrouted) update. Tokens the layer
-    barely changes get low gates, so a threshold skips them first. The probe output is standardised and
-    centred on the configured init logit, so at p = 0.5 nearly every token still runs and the model starts
-    close to the original; training and `calibrate_thresholds` then set the rate.
-
-    `rate`: start at this execution rate instead: each probe is centred so that its (1 - rate) quantile on
-    these tokens sits at the layer's threshold (layers in order, each measured on hidden states routed by
-    the layers before it). Training then begins at the target rate and spends its steps adapting the model
-    to the skipping rather than moving router biases (Adam moves a bias by about lr per step: 30 steps at
-    1e-3 move it by 0.03, while dense-init gates sit at logit 2.9, far above a p = 0.5 threshold).
-    Returns the probe's R^2 per layer. `batches`: dicts with input_ids (optional attention_mask, and
-    position_ids restarting at 0 at each packed document)."""
-    if rate is not None and not (0.0 < rate <= 1.0):
-        raise ValueError(f"rate {rate} must lie in (0, 1]")
-    from mod_train.mod.layer import dense_layer
-    cfg = model.mod_config
-    was_training = model.training
-    model.eval()
-    states = [model.mod_embed(b["input_ids"], b.get("attention_mask"), b.get("position_ids")) for b in batches]
-    hs, metas = [s[0] for s in states], [s[1] for s in states]
-    fit = {}
-    for i in range(model.config.num_hidden_layers):
-        layer = model.model.layers[i]
-        if hasattr(layer, "router"):
-            xs, ys = [], []
-            for h, meta in zip(hs, metas):
-                upd = dense_layer(layer, i, h, meta, model.config) - h
-                y = torch.log(upd.float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-6))
-                x = layer.input_layernorm(h) if cfg.router_input == "norm" else h
-                keep = meta.slots.valid if meta.slots.valid is not None else torch.ones_like(y, dtype=torch.bool)
-                xs.append(x.float()[keep].double())
-                ys.append(y[keep].double())
-            X, y = torch.cat(xs), torch.cat(ys)
-            mx, my = X.mean(0), y.mean()
-            Xc, yc = X - mx, y - my
-            A = Xc.T @ Xc + ridge * Xc.pow(2).sum() / X.shape[1] * torch.eye(X.shape[1], dtype=X.dtype)
-            w = torch.linalg.solve(A, Xc.T @ yc)
-            pred = Xc @ w
-            fit[i] = float(1 - (yc - pred).pow(2).sum() / yc.pow(2).sum().clamp(min=1e-12))
-            scale = 1.0 / pred.std().clamp(min=1e-6)
-            r = layer.router
-            r.weight.copy_((w * scale).to(r.weight.dtype)[None])
-            if rate is None:
-                r.bias.fill_(float(cfg.init_logit() - (mx @ w) * scale))
-            else:  # standardised probe output, its (1 - rate) quantile moved onto logit(p_j)
-                q = rate_quantile((pred * scale).float(), rate)
-                r.bias.fill_(float(logit(cfg.threshold_for(i)) - q - (mx @ w) * scale))
-        hs = [model.mod_layer(i, h, meta)[0] for h, meta in zip(hs, metas)]
-    model.train(was_training)
-    return fit

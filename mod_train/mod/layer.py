@@ -75,6 +75,11 @@ def attention(layer, idx: int, x: torch.Tensor, slots: Slots, cos, sin, cache, c
     return attn.o_proj(out.reshape(*x.shape[:-1], -1))
 
 
+def router_input(layer, h: torch.Tensor, router_input: str) -> torch.Tensor:
+    """What the layer's router reads (MoDConfig.router_input): the residual h or its input layernorm."""
+    return layer.input_layernorm(h) if router_input == "norm" else h
+
+
 def dense_layer(layer, idx: int, h: torch.Tensor, meta: StepMeta, config) -> torch.Tensor:
     a = attention(layer, idx, layer.input_layernorm(h), meta.slots, meta.cos, meta.sin, meta.cache, config)
     h = h + a

@@ -5,7 +5,9 @@ public so pipeline stages can run contiguous slices of the stack.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -15,7 +17,7 @@ from mod_train.config import MoDConfig
 from mod_train.mod import router as R
 from mod_train.mod.attention import Slots
 from mod_train.mod.cache import MoDCache
-from mod_train.mod.layer import StepMeta, dense_layer, routed_layer_fast, routed_layer_reference
+from mod_train.mod.layer import StepMeta, dense_layer, routed_layer_fast, routed_layer_reference, router_input
 
 
 @dataclass
@@ -43,25 +45,48 @@ def _distributed() -> bool:
 
 
 class MoDMixin:
-    """Adds MoD routing to an HF causal LM whose decoder layers are Llama-shaped."""
+    """Adds MoD routing to an HF causal LM whose decoder layers are Llama-shaped.
 
-    _mod_cfg_cache: tuple | None = None
+    The model holds its MoD settings as a typed `MoDConfig` (`mod_config`); the HF config's `mod` field
+    (the dict saved in config.json) is written from it by `_bind_mod_config` only. Change the settings with
+    `set_mod_config(cfg)`, never by assigning `config.mod`."""
+
+    _mod_cfg: MoDConfig | None = None
+    _mod_dict: dict | None = None  # the dict written to config.mod, to catch a direct assignment
 
     # -- configuration -----------------------------------------------------------------------------
     @property
     def mod_config(self) -> MoDConfig:
-        raw = self.config.mod or {}
-        key = repr(sorted(raw.items()))
-        if self._mod_cfg_cache is None or self._mod_cfg_cache[0] != key:
-            self._mod_cfg_cache = (key, MoDConfig.from_dict(raw))
-        return self._mod_cfg_cache[1]
+        if self.config.mod is not self._mod_dict:
+            raise RuntimeError("model.config.mod was assigned directly; change MoD settings with "
+                               "model.set_mod_config(cfg), e.g. dataclasses.replace(model.mod_config, ...)")
+        return self._mod_cfg
 
     def set_mod_config(self, cfg: MoDConfig) -> None:
         cfg.validate(self.config.num_hidden_layers)
         if cfg.routed_layers(self.config.num_hidden_layers) != self.routed_layers:
             raise ValueError("changing the routed layers of a built model is not supported; call modify() "
                              "on the dense model instead")
-        self.config.mod = cfg.to_dict()
+        self._bind_mod_config(cfg)
+
+    def _bind_mod_config(self, cfg: MoDConfig) -> None:
+        """The one writer of the MoD settings: a private copy (later edits of `cfg` do not reach the model)
+        and the HF config's `mod` dict written from it."""
+        self._mod_cfg = replace(cfg)
+        self._mod_dict = self._mod_cfg.to_dict()
+        self.config.mod = self._mod_dict
+
+    _routing_off: bool = False
+
+    @contextlib.contextmanager
+    def routing_disabled(self):
+        """Inside this block every layer runs as the dense original for every token (no router, no gate): the
+        distillation teacher is the student's own weights with routing off. The KV cache, if any, is dense."""
+        before, self._routing_off = self._routing_off, True
+        try:
+            yield self
+        finally:
+            self._routing_off = before
 
     @property
     def routed_layers(self) -> list[int]:
@@ -109,24 +134,23 @@ class MoDMixin:
         recomputation reuses exactly the same selection."""
         layer = self.model.layers[i]
         ckpt = getattr(self.model, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
-        if not hasattr(layer, "router"):
+        if not hasattr(layer, "router") or self._routing_off:
             if ckpt:
                 return checkpoint(dense_layer, layer, i, h, meta, self.config, use_reentrant=False), None
             return dense_layer(layer, i, h, meta, self.config), None
         cfg = self.mod_config
-        x = layer.input_layernorm(h) if cfg.router_input == "norm" else h
+        x = router_input(layer, h, cfg.router_input)
         z = layer.router(x)
         # the aux losses read a second evaluation on the detached input (a d-dim dot product per token)
         z_aux = layer.router(x.detach()) if torch.is_grad_enabled() and x.requires_grad else None
         causal = self._causal_routing(meta)
-        sel = R.select(z, meta.slots.valid, cfg, i, causal)
+        sel, p = R.select(z, meta.slots.valid, cfg, i, causal)
         w = R.block_weight(z, cfg)
         if cfg.impl == "reference":
             fn, args = routed_layer_reference, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config)
         else:
             fn, args = routed_layer_fast, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config, _distributed())
         h = checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
-        p = cfg.threshold_for(i) if cfg.routing == "threshold" else 0.5
         return h, R.RouteTerms(i, z, sel, meta.slots.valid, p, z_aux)
 
     def mod_stack(self, h: torch.Tensor, meta: StepMeta) -> tuple[torch.Tensor, list[R.RouteTerms]]:

@@ -88,3 +88,21 @@ def prune_layers(model, drop: list[int]):
 def matched_layers(n_routed: int, realised_rate: float) -> int:
     """Whole layers' worth of compute a MoD model skips: round(n_routed * (1 - realised_rate))."""
     return int(round(n_routed * (1.0 - realised_rate)))
+
+
+def allocate_budget(bi: dict[int, float], routed: list[int], rate: float) -> dict[int, float]:
+    """One execution budget over the routed layers (their mean rate = `rate`), spent where block influence is
+    highest: the least influential layers get rate 0 (skipped whole: static depth pruning), the others 1, and
+    the fractional remainder goes to one partly-run layer. A MoD model started here contains static pruning,
+    and can only improve on it by choosing tokens."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"rate {rate} must lie in (0, 1]")
+    skip = len(routed) * (1.0 - rate)
+    full = int(skip + 1e-9)
+    order = sorted(routed, key=lambda j: (bi[j], j))
+    alloc = {j: 1.0 for j in routed}
+    for j in order[:full]:
+        alloc[j] = 0.0
+    if skip - full > 1e-9:
+        alloc[order[full]] = 1.0 - (skip - full)
+    return alloc

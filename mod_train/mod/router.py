@@ -76,14 +76,18 @@ def rate_quantile(z: torch.Tensor, rate: float) -> float:
     return float(torch.quantile(z, 1.0 - rate)) if rate < 1 else float(z.min())
 
 
-def select(z: torch.Tensor, valid: torch.Tensor | None, cfg: MoDConfig, layer: int, causal: bool) -> torch.Tensor:
-    """Which tokens run routed layer `layer`: bool [B, S]. Padding is never selected."""
+def select(z: torch.Tensor, valid: torch.Tensor | None, cfg: MoDConfig, layer: int,
+           causal: bool) -> tuple[torch.Tensor, float]:
+    """Which tokens run routed layer `layer`: (bool [B, S], p). Padding is never selected.
+
+    p is the layer's gate threshold: its p_j under threshold routing, 0.5 (the causal predictor's) under
+    top-k; causal decisions compare the logits with logit(p), and the target-rate loss centres on it."""
+    p = cfg.threshold_for(layer) if cfg.routing == "threshold" else 0.5
     if cfg.routing == "threshold" or causal:
-        p = cfg.threshold_for(layer) if cfg.routing == "threshold" else 0.5
         sel = z >= logit(p)  # == sigmoid(z) >= p, without fp32 saturation ties near g = 1
     else:
         sel = _topk(z, valid, cfg.capacity)
-    return sel if valid is None else sel & valid
+    return (sel if valid is None else sel & valid), p
 
 
 def _topk(z: torch.Tensor, valid: torch.Tensor | None, capacity: float) -> torch.Tensor:
@@ -96,10 +100,15 @@ def _topk(z: torch.Tensor, valid: torch.Tensor | None, capacity: float) -> torch
 
 
 def block_weight(z: torch.Tensor, cfg: MoDConfig) -> torch.Tensor:
-    """Multiplier of the routed outputs: the gate sigmoid(z), or the raw logit for paper-exact top-k."""
+    """Multiplier of the routed outputs: the gate g = sigmoid(z) (the paper), the raw logit for paper-exact
+    top-k, or with gate_form 'ste' the straight-through 1 + g - stopgrad(g): exactly 1 forward, so an executed
+    token keeps its full update, and d/dz of g backward, so the router still learns from the LM loss."""
     if cfg.routing == "topk" and cfg.topk_weight == "logit":
         return z
-    return torch.sigmoid(z)
+    g = torch.sigmoid(z)
+    if cfg.gate_form == "ste":
+        return 1.0 + g - g.detach()
+    return g
 
 
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -115,6 +124,8 @@ def aux_loss(terms: list[RouteTerms], cfg: MoDConfig, training_topk: bool) -> to
     if not terms:
         return torch.zeros(())
     total = terms[0].logits.new_zeros(())
+    if cfg.routing == "threshold" and cfg.target_rate is not None and cfg.target_scope == "global":
+        return _global_rate_loss(terms, cfg)
     for t in terms:
         z = t.for_aux
         gate = torch.sigmoid(z)
@@ -128,6 +139,20 @@ def aux_loss(terms: list[RouteTerms], cfg: MoDConfig, training_topk: bool) -> to
             total = total + cfg.target_weight * (rate - cfg.target_rate) * _masked_mean(soft, t.valid)
         elif cfg.alpha > 0:
             total = total + cfg.alpha * rate * _masked_mean(gate, t.valid)
+    return total
+
+
+def _global_rate_loss(terms: list[RouteTerms], cfg: MoDConfig) -> torch.Tensor:
+    """One compute budget over all routed layers: beta * (F - t) * sum_j S_j, with F the token-weighted mean
+    rate over the routed layers (every layer sees the same tokens), so each layer is free to differ; a layer
+    below `rate_floor` adds beta * (F_j - floor) * S_j, which pushes it back up."""
+    rates = [_masked_mean(t.selected.float(), t.valid).detach() for t in terms]
+    soft = [_masked_mean(torch.sigmoid(t.for_aux - logit(t.threshold)), t.valid) for t in terms]
+    mean_rate = torch.stack(rates).mean()
+    total = cfg.target_weight * (mean_rate - cfg.target_rate) * torch.stack(soft).sum()
+    if cfg.rate_floor > 0:
+        for r, s in zip(rates, soft):
+            total = total + cfg.target_weight * torch.clamp(r - cfg.rate_floor, max=0.0) * s
     return total
 
 

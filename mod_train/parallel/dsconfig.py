@@ -134,3 +134,14 @@ def for_engine(ds: dict) -> dict:
     d = copy.deepcopy(ds)
     d.pop("pipeline", None)
     return d
+
+
+def for_inference(ds: dict) -> dict:
+    """The copy for a frozen model that only runs forward (the KD teacher): the same ZeRO stage and precision,
+    no optimizer, no scheduler, no optimizer offload."""
+    d = for_engine(ds)
+    d.pop("optimizer", None)
+    d.pop("scheduler", None)
+    d.pop("zero_force_ds_cpu_optimizer", None)
+    d.get("zero_optimization", {}).pop("offload_optimizer", None)
+    return d

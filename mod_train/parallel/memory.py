@@ -40,18 +40,21 @@ class Estimate:
     logits: float
     overhead: float
     cpu_offload: float
+    teacher: float = 0.0
 
     @property
     def total(self) -> float:
         return (self.weights + self.grads + self.optim + self.working_set + self.activations + self.logits
-                + self.overhead)
+                + self.overhead + self.teacher)
 
     def table(self, gpu_gib: float | None = None) -> str:
         rows = [("parameters (model)", f"{self.params / 1e9:.2f} B"),
                 ("weights", _g(self.weights)), ("gradients", _g(self.grads)), ("optimizer states", _g(self.optim)),
                 ("ZeRO-3 gathered working set", _g(self.working_set)), ("activations", _g(self.activations)),
-                ("logits + grad (fp32)", _g(self.logits)), ("runtime overhead", _g(self.overhead)),
-                ("TOTAL per GPU", _g(self.total))]
+                ("logits + grad (fp32)", _g(self.logits)), ("runtime overhead", _g(self.overhead))]
+        if self.teacher:
+            rows.append(("KD teacher (frozen copy + logits)", _g(self.teacher)))
+        rows.append(("TOTAL per GPU", _g(self.total)))
         if self.cpu_offload:
             rows.append(("CPU RAM per GPU (offload)", _g(self.cpu_offload)))
         if gpu_gib:
@@ -77,7 +80,9 @@ def count_params(c: dict) -> tuple[float, float, float]:
 
 def estimate(c: dict, *, zero_stage: int, dp: int, tp: int = 1, pp: int = 1, precision: str = "bf16",
              micro_batch: int = 1, seq_len: int = 4096, grad_ckpt: bool = True, offload_optimizer: bool = False,
-             offload_param: bool = False, trainable_fraction: float = 1.0) -> Estimate:
+             offload_param: bool = False, trainable_fraction: float = 1.0, teacher_copy: bool = False) -> Estimate:
+    """Per-GPU memory of one training rank. `teacher_copy`: a frozen copy of the weights for distillation
+    (partitioned like the student's under ZeRO-3, no gradients or optimizer state) plus its fp32 logits."""
     total, per_layer, emb = count_params(c)
     d, V, L = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
     wb, gb, ob = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)
@@ -105,7 +110,8 @@ def estimate(c: dict, *, zero_stage: int, dp: int, tp: int = 1, pp: int = 1, pre
         acts *= pp  # 1F1B keeps up to `pp` micro-batches in flight on the first stage
     logits = micro_batch * seq_len * V * 8
     overhead = 2 * GiB + 0.05 * (weights + grads + optim)
-    return Estimate(total, weights, grads, optim, working, acts, logits, overhead, cpu)
+    teacher = (local * wb / (dp if zero_stage >= 3 else 1) + micro_batch * seq_len * V * 4) if teacher_copy else 0.0
+    return Estimate(total, weights, grads, optim, working, acts, logits, overhead, cpu, teacher)
 
 
 class PlanDoesNotFit(RuntimeError):
@@ -138,4 +144,5 @@ def plan_from(model_cfg: dict, ds: dict, tc, world_size: int) -> Estimate:
                     grad_ckpt=tc.grad_checkpointing,
                     offload_optimizer=zo.get("offload_optimizer", {}).get("device", "none") not in (None, "none"),
                     offload_param=zo.get("offload_param", {}).get("device", "none") not in (None, "none"),
-                    trainable_fraction=frac)
+                    trainable_fraction=frac,
+                    teacher_copy=getattr(tc, "uses_teacher", False) and tc.trainable != "routers")

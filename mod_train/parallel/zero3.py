@@ -3,6 +3,8 @@
 initialised through GatheredParameters so they are never left uninitialised or saved empty."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from mod_train.parallel import dsconfig
@@ -11,6 +13,20 @@ from mod_train.parallel import dsconfig
 def full_shape(p: torch.Tensor) -> torch.Size:
     """A parameter's logical shape, also when ZeRO-3 has partitioned it to an empty tensor."""
     return getattr(p, "ds_shape", p.shape)
+
+
+@contextmanager
+def gathered_for_write(params):
+    """Context for writing `params` on rank 0: ZeRO-3 partitioned ones are gathered whole and, on exit,
+    rank 0's values are re-partitioned to every rank; other parameters are written as they are. The
+    `gather` that mod_train.mod.convert.init_routers / from_pretrained_mod take."""
+    params = list(params)
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+    else:
+        yield
 
 
 def build_model(model_path: str, mod_cfg, ds: dict, dtype=torch.float32):
@@ -28,7 +44,7 @@ def build_model(model_path: str, mod_cfg, ds: dict, dtype=torch.float32):
         from mod_train.mod.convert import from_pretrained_mod
         # a dense checkpoint gets freshly initialised routers (gathered under ZeRO-3); a MoD checkpoint
         # (e.g. routers fitted by fit_routers_to_importance, or a trained model) keeps its own
-        model = from_pretrained_mod(model_path, mod_cfg, dtype=dtype)
+        model = from_pretrained_mod(model_path, mod_cfg, gather=gathered_for_write, dtype=dtype)
     return model, keep
 
 

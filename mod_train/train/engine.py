@@ -83,3 +83,50 @@ def _pipeline_module(spec: RunSpec, mod_cfg, ds: dict):
     pcfg = ds.get("pipeline", {})
     return build_pipeline_module(model, dsconfig.pp_stages(ds), pcfg.get("partition", "uniform"),
                                  int(pcfg.get("activation_checkpoint_interval", 0) or 0))
+
+
+def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Built, tp: int = 1):
+    """The dense original's next-token logits for the KD objective, as `teacher(kw) -> logits`, or None.
+
+    - Routers only (the base weights never change): the student's own weights with routing off, no copy.
+    - Otherwise a frozen copy built the way the student is (partitioned under ZeRO-3, no optimizer state) from
+      `spec.teacher` or the start model, run as the MoD stack with routing off, so packed documents never
+      attend to each other, exactly as in the student.
+    """
+    if not tc.uses_teacher:
+        return None
+    from mod_train.config import ConfigError, MoDConfig
+    if student.pipeline:
+        raise ConfigError("TrainConfig.objective=%r: distillation is not supported with pipeline parallelism; "
+                          "use ZeRO-3 or AutoTP" % tc.objective)
+    if tc.trainable == "routers" and spec.teacher is None and mod_cfg is not None:
+        model = student.model
+    else:
+        import deepspeed
+        from mod_train.parallel.zero3 import build_model
+        cfg = mod_cfg or MoDConfig()
+        src = spec.teacher or spec.model
+        model, keep = build_model(src, cfg, ds, dtype=torch.float32)
+        model.requires_grad_(False)
+        kw = {}
+        if tp > 1:
+            from mod_train.parallel.autotp import tp_groups
+            kw["mpu"] = tp_groups(tp)
+        engine, _, _, _ = deepspeed.initialize(model=model, config=dsconfig.for_inference(ds), **kw)
+        model = engine.module.eval()
+        model._teacher_keepalive = keep
+    _check_vocab(student.model, model)
+
+    def teacher(inputs: dict) -> torch.Tensor:
+        with model.routing_disabled():
+            return model(**inputs).logits
+
+    return teacher
+
+
+def _check_vocab(student, teacher) -> None:
+    from mod_train.config import ConfigError
+    vs, vt = student.config.vocab_size, teacher.config.vocab_size
+    if vs != vt:
+        raise ConfigError(f"RunSpec.teacher: the teacher's vocabulary has {vt} tokens, the student's {vs}; "
+                          "distillation compares next-token distributions, so both need the same tokenizer")

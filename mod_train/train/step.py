@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mod_train.data import collate
+from mod_train.train.objective import combine, kd_loss
 
 MAX_SOURCES = 16
 
@@ -25,6 +26,10 @@ class StepSums:
     """Sum of LM losses over the micro-batches whose loss this rank computed."""
     aux: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     """Sum of auxiliary (routing) losses, same micro-batches."""
+    kd: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    """Sum of distillation losses, same micro-batches (0 without a teacher)."""
+    with_kd: bool = False
+    """Whether a teacher was used (then `loss/kd` is reported)."""
     n_loss: int = 0
     """Micro-batches whose loss this rank computed."""
     layers: dict = field(default_factory=dict)
@@ -52,13 +57,15 @@ class StepSums:
         for j, (r, g, c) in self.layers.items():
             per_layer[j], per_layer[L + j], per_layer[2 * L + j] = r, g, c
         vec = torch.cat([torch.stack([self.lm, self.aux]).double(), torch.tensor([float(self.n_loss)],
-                         dtype=torch.float64), per_layer, self.src_loss, self.src_cnt])
+                         dtype=torch.float64), per_layer, self.src_loss, self.src_cnt, self.kd.double().reshape(1)])
         dist.all_reduce(vec)
         sl = torch.tensor([self.seq_len], dtype=torch.long)
         dist.all_reduce(sl, op=dist.ReduceOp.MAX)
         self.seq_len = int(sl.item())
         n = max(vec[2].item(), 1.0)
         m = {"loss/lm": vec[0].item() / n, "loss/aux": vec[1].item() / n}
+        if self.with_kd:
+            m["loss/kd"] = vec[-1].item() / n
         routed = [j for j in range(L) if vec[3 + 2 * L + j] > 0]
         for j in routed:
             c = vec[3 + 2 * L + j].item()
@@ -66,7 +73,7 @@ class StepSums:
             m[f"routing/gate_l{j}"] = vec[3 + L + j].item() / c
         if routed:
             m["routing/rate_mean"] = sum(m[f"routing/rate_l{j}"] for j in routed) / len(routed)
-        sl_, sc = vec[3 + 3 * L:3 + 3 * L + MAX_SOURCES], vec[3 + 3 * L + MAX_SOURCES:]
+        sl_, sc = vec[3 + 3 * L:3 + 3 * L + MAX_SOURCES], vec[3 + 3 * L + MAX_SOURCES:-1]
         names = list(source_names or [])
         for s in range(MAX_SOURCES):
             if sc[s] > 0:
@@ -74,8 +81,10 @@ class StepSums:
         return m
 
 
-def plain_step(engine, stream, tc, n_layers: int, accepts_doc_ids: bool, per_source: bool) -> StepSums:
-    """`tc.grad_accum` forward/backward passes and one optimizer step on a DeepSpeed engine."""
+def plain_step(engine, stream, tc, n_layers: int, accepts_doc_ids: bool, per_source: bool,
+               teacher=None) -> StepSums:
+    """`tc.grad_accum` forward/backward passes and one optimizer step on a DeepSpeed engine. `teacher(kw)`
+    returns the dense original's logits for the same inputs (objective 'kd' / 'lm+kd')."""
     sums = StepSums(n_layers)
     for _ in range(tc.grad_accum):
         batch = collate([next(stream) for _ in range(tc.micro_batch_size)])
@@ -83,13 +92,26 @@ def plain_step(engine, stream, tc, n_layers: int, accepts_doc_ids: bool, per_sou
         kw = {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"]}
         if accepts_doc_ids and "doc_ids" in batch:
             kw["doc_ids"] = batch["doc_ids"]
-        out = engine(**{k: v.to(engine.device) for k, v in kw.items()})
-        loss = out.loss
-        aux = getattr(out, "aux_loss", None)
-        aux = aux.detach().float() if isinstance(aux, torch.Tensor) else torch.zeros(())
+        kw = {k: v.to(engine.device) for k, v in kw.items()}
+        out = engine(**kw)
+        aux_t = out.aux_loss if isinstance(getattr(out, "aux_loss", None), torch.Tensor) else None
+        aux = aux_t.detach().float() if aux_t is not None else torch.zeros(())
+        kd = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher({k: v for k, v in kw.items() if k != "labels"})
+            kd = kd_loss(out.logits, t_logits, kw["labels"], tc.kd_temperature, kw.get("doc_ids"))
+            sums.kd += kd.detach().float().cpu()
+            sums.with_kd = True
+        if kd is None and tc.lm_weight == 1.0:
+            loss = out.loss  # LM + aux as the model returns it
+        else:
+            zero = out.loss.new_zeros(())
+            loss = combine(tc, out.loss - (aux_t if aux_t is not None else zero), aux_t if aux_t is not None
+                           else zero, kd)
         engine.backward(loss)
         engine.step()
-        sums.lm += loss.detach().float().cpu() - aux.cpu()
+        sums.lm += out.loss.detach().float().cpu() - aux.cpu()
         sums.aux += aux.cpu()
         sums.n_loss += 1
         sums.add_routing(getattr(out, "routing", None))

@@ -20,8 +20,9 @@ from mod_train.data import build_stream
 from mod_train.parallel import dist as pdist
 from mod_train.parallel import dsconfig
 from mod_train.train import checkpoint as ckpt
-from mod_train.train.engine import build_engine
+from mod_train.train.engine import build_engine, build_teacher
 from mod_train.train.logger import MetricsLogger
+from mod_train.train.rate import RateController
 from mod_train.train.step import pipeline_step, plain_step
 
 __all__ = ["RunSpec", "Trainer", "train"]
@@ -93,6 +94,8 @@ class Trainer:
                 self.before_engine(self, model)
         self.built = build_engine(self.spec, tc, self.mod_cfg, ds, tp=self.tp, before_engine=hook)
         self.engine, self.model = self.built.engine, self.built.model
+        self.teacher = build_teacher(self.spec, tc, self.mod_cfg, ds, self.built, tp=self.tp)
+        self.rate = RateController.maybe(self.model, tc)
         self.group_names = self.built.group_names
         self.n_trainable, self.n_params = self.built.n_trainable, self.built.n_params
         # data: ranks of one TP group (consecutive global ranks) read the same shard
@@ -141,10 +144,11 @@ class Trainer:
                 if self.rank == 0:
                     torch.save(sd, ckdir / "consolidated_16bit.pt")
         meta = {"step": self.step, "tokens": self.tokens, "fingerprint": self.fingerprint(),
-                "train": self.tc.to_dict(), "mod": self.fingerprint()["mod"], "model_path": str(self.spec.model),
+                "train": self.tc.to_dict(), "mod": self._live_mod(), "model_path": str(self.spec.model),
                 "tokenizer": str(self.spec.tokenizer or self.spec.model), "dense": self.spec.dense,
                 "ds": self.ds, "time": time.time()}
-        state = {"step": self.step, "tokens": self.tokens, "data": self.stream.state_dict(), "rng": ckpt.rng_state()}
+        state = {"step": self.step, "tokens": self.tokens, "data": self.stream.state_dict(), "rng": ckpt.rng_state(),
+                 "mod": self._live_mod()}
         path = ckpt.save(self.engine, self.ckpt_root, self.step, rank=self.rank, trainer_state=state, meta=meta,
                          keep_last=self.tc.keep_last, extra_rank0=extra)
         self.logger.event("checkpoint", step=self.step, path=str(path))
@@ -169,7 +173,15 @@ class Trainer:
         self.step, self.tokens = st["step"], st["tokens"]
         self.stream.load_state_dict(st["data"])
         ckpt.set_rng_state(st["rng"])
+        if st.get("mod") and hasattr(self.model, "set_mod_config"):  # thresholds moved by the rate controller
+            from mod_train.config import MoDConfig
+            self.model.set_mod_config(MoDConfig.from_dict(st["mod"]))
         return tag
+
+    def _live_mod(self):
+        """The model's MoD settings as they are now (the rate controller moves thresholds and the target)."""
+        cfg = getattr(self.model, "mod_config", None)
+        return cfg.to_dict() if cfg is not None else self.fingerprint()["mod"]
 
     # ---- one optimizer step ----
     def train_step(self, want_metrics: bool) -> dict:
@@ -179,7 +191,7 @@ class Trainer:
             sums = pipeline_step(self.engine, self.model, self.stream, self.tc, n_layers)
         else:
             sums = plain_step(self.engine, self.stream, self.tc, n_layers, self.built.accepts_doc_ids,
-                              per_source=want_metrics and self.tc.per_source_loss)
+                              per_source=want_metrics and self.tc.per_source_loss, teacher=self.teacher)
         m = sums.reduce(getattr(self.stream, "source_names", None))
         self._last_seq_len = sums.seq_len
         return m
@@ -202,7 +214,12 @@ class Trainer:
         while self.step < tc.max_steps:
             t0 = time.perf_counter()
             want = (self.step + 1) % tc.log_every == 0
+            if self.rate is not None:
+                self.rate.begin(self.step)
             m = self.train_step(want)
+            if self.rate is not None:
+                self.rate.end(self.step)
+                m["routing/target"] = self.model.mod_config.target_rate
             dt = time.perf_counter() - t0
             self.step += 1
             steps_here += 1

@@ -1,0 +1,73 @@
+"""The distillation objective: the KD loss is the hand-computed forward KL with the LM loss's masking; the
+routing-off teacher is the dense model exactly; KD training under ZeRO-3 on 2 ranks matches one process."""
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from harness import losses, make_tiny_model, run_ranks, train_worker
+from mod_train.train.objective import kd_loss
+
+STAGE0 = {"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+
+
+def test_kd_loss_is_the_masked_forward_kl():
+    g = torch.Generator().manual_seed(0)
+    B, S, V, T = 2, 7, 11, 2.0
+    s, t = torch.randn(B, S, V, generator=g), torch.randn(B, S, V, generator=g)
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[0, 3] = -100                       # first token of a packed document (or padding)
+    doc = torch.zeros(B, S, dtype=torch.long)
+    doc[1, 5:] = 1                            # row 1: a document starts at position 5
+    total, n = 0.0, 0
+    for b in range(B):
+        for i in range(S - 1):
+            if labels[b, i + 1] == -100 or doc[b, i + 1] != doc[b, i]:
+                continue
+            p = torch.softmax(t[b, i] / T, -1).double()
+            q = torch.softmax(s[b, i] / T, -1).double()
+            total += float((p * (p.log() - q.log())).sum())
+            n += 1
+    assert n == B * (S - 1) - 2
+    assert kd_loss(s, t, labels, T, doc).item() == pytest.approx(total * T * T / n, rel=1e-5)
+    assert kd_loss(s, s, labels, T, doc).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_routing_off_teacher_is_the_dense_model(arch):
+    from mod_train import MoDConfig, modify
+    from conftest import randomize_routers
+    dense = tiny_model(arch, layers=4).eval()
+    ids = torch.randint(0, dense.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = dense(ids).logits
+    m = modify(tiny_model(arch, layers=4), MoDConfig(layers="all", router_init="zero")).eval()
+    randomize_routers(m)
+    with torch.no_grad():
+        routed = m(ids).logits
+        with m.routing_disabled():
+            off = m(ids)
+        again = m(ids).logits
+    torch.testing.assert_close(off.logits, ref, rtol=1e-5, atol=1e-5)
+    assert float(off.aux_loss) == 0.0 and not off.routing
+    assert not torch.allclose(routed, ref, atol=1e-3)       # routing was on, and is back on after the block
+    torch.testing.assert_close(again, routed)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_kd") / "model")
+
+
+@pytest.mark.slow
+def test_kd_zero3_two_ranks_match_one_process(tiny, tmp_path):
+    train = {"objective": "lm+kd", "kd_weight": 2.0, "max_steps": 3}
+    run_ranks(train_worker, 1, tiny, tmp_path / "ref", STAGE0, {**train, "grad_accum": 2})
+    run_ranks(train_worker, 2, tiny, tmp_path / "z3", "ds_configs/zero3.json", train)
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "z3")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        for k in ("loss/lm", "loss/kd", "loss/aux"):
+            assert a[s][k] == pytest.approx(b[s][k], rel=2e-5, abs=1e-6), (s, k, a[s][k], b[s][k])
+    assert a[1]["loss/kd"] > 0 and all(math.isfinite(a[s]["loss/kd"]) for s in a)
