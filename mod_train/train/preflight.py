@@ -25,9 +25,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from mod_train.data.stream import MODEL_TOKENIZER
 from mod_train.paths import MissingPathError, check_model_location, looks_local
 
-MODEL_TOKENIZER = "model"  # recipe `tokenizer:` value meaning "the training model's own tokenizer"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
