@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,30 @@ class EvalConfig:
     progress: bool = True
     """tqdm progress bars."""
 
+    def validate(self) -> None:
+        """Cheap checks before any model is loaded: model folders exist, lengths are positive; a warning
+        for lengths beyond the dense model's max_position_embeddings (that measures extrapolation)."""
+        from mod_train.paths import check_model_location
+        check_model_location(self.dense, "EvalConfig.dense")
+        if self.mod:
+            check_model_location(self.mod, "EvalConfig.mod")
+        if not self.lengths:
+            raise ValueError("EvalConfig.lengths = []: give at least one context length, e.g. [512, 2048]")
+        for name in ("lengths", "sweep_length", "prefill_tokens", "calib_tokens"):
+            values = getattr(self, name)
+            for v in values if isinstance(values, list) else [values]:
+                if v is not None and (not isinstance(v, int) or v < 1):
+                    raise ValueError(f"EvalConfig.{name} = {values!r}: lengths must be whole numbers >= 1 "
+                                     f"(e.g. --lengths 512,2048)")
+        from transformers import AutoConfig
+        limit = getattr(AutoConfig.from_pretrained(self.dense), "max_position_embeddings", None)
+        beyond = [n for n in self.lengths if limit is not None and n > limit]
+        if beyond:
+            msg = (f"EvalConfig.lengths {beyond} exceed the dense model's max_position_embeddings {limit}: "
+                   "perplexity there measures extrapolation beyond the trained context")
+            warnings.warn(msg, stacklevel=2)
+            print(f"[mod_train] warning: {msg}", flush=True)
+
 
 def _load(cfg: EvalConfig):
     import mod_train  # noqa: F401  (registers the MoD Auto classes)
@@ -97,6 +122,7 @@ def _fmt_bytes(b: float) -> str:
 def run_eval(cfg: EvalConfig) -> dict:
     from mod_train.data import load_recipe, load_tokenizer
     from mod_train.config import MoDConfig
+    cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
