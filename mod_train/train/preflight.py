@@ -128,7 +128,7 @@ def tokenizer_identity(tok) -> str:
         key = {"model": d.get("model"), "added": sorted((t["id"], t["content"]) for t in d.get("added_tokens", []))}
     else:
         key = {"vocab": sorted(tok.get_vocab().items())}
-    return xxhash.xxh3_128_hexdigest(json.dumps(key, sort_keys=True, default=str))
+    return xxhash.xxh3_128_hexdigest(json.dumps(key, sort_keys=True, default=str).encode())
 
 
 def _has_tokenizer_files(folder: str) -> bool:
@@ -228,6 +228,13 @@ def check_lengths(lens: list, max_positions: int | None, recipe) -> None:
 
 def preflight(spec, tc) -> Plan:
     """Check everything cheap about a run (see the module docstring); raise PreflightError or return the Plan."""
+    try:
+        return _preflight(spec, tc)
+    except MissingPathError as e:
+        raise PreflightError(str(e)) from None
+
+
+def _preflight(spec, tc) -> Plan:
     tc.validate()
     check_numbers(tc)
     check_ds(spec.ds)
@@ -247,10 +254,12 @@ def preflight(spec, tc) -> Plan:
 
 
 def user_errors() -> tuple:
-    """Exception types that mean "a setting or input is wrong" (print as one line; a traceback only with --debug)."""
+    """Exception types whose message is the whole story (a setting or input is wrong, the run diverged):
+    a launcher prints them as one line and exits non-zero; a traceback only with --debug."""
     from mod_train.data import DataError
     from mod_train.train.checkpoint import CheckpointSaveError, IncompatibleCheckpoint
     from mod_train.train.config import ConfigError
     from mod_train.train.lock import RunLocked
+    from mod_train.train.trainer import NonFiniteLoss
     return (PreflightError, MissingPathError, ConfigError, DataError, IncompatibleCheckpoint, RunLocked,
-            CheckpointSaveError)
+            CheckpointSaveError, NonFiniteLoss)
