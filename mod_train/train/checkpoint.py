@@ -97,10 +97,10 @@ def describe_files(ckpt: Path, paths, rank: int) -> dict:
     return out
 
 
-def write_manifest(ckpt: Path, described: dict) -> None:
-    """MANIFEST.json: every file of `ckpt`; those not in `described` (written by rank 0 or by DeepSpeed
-    outside its checkpoint engine) are hashed here."""
-    files = dict(described)
+def write_manifest(ckpt: Path, described: dict | None = None) -> None:
+    """MANIFEST.json: every file of `ckpt`; those not in `described` (the ranks' own lists; the rest was
+    written by rank 0 or by DeepSpeed outside its checkpoint engine) are hashed here."""
+    files = dict(described or {})
     rest = [p for p in sorted(ckpt.rglob("*"))
             if p.is_file() and p.name != "MANIFEST.json" and str(p.relative_to(ckpt)) not in files]
     files.update(describe_files(ckpt, rest, rank=0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -102,10 +103,16 @@ class StopFlag:
     """SIGTERM/SIGUSR1 (SLURM preemption, scancel) and SIGINT (Ctrl-C) ask for a checkpoint and a clean
     exit; a second SIGINT aborts at once (KeyboardInterrupt, no checkpoint)."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
     def __init__(self):
         self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(s, self._handler)
+        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def restore(self):
+        """Give the signals back (a process that goes on after training, e.g. to evaluate, gets its Ctrl-C back)."""
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
     def _handler(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
@@ -294,7 +301,7 @@ class Trainer:
             return None
         d = self.ckpt_root / tag
         meta = ckpt.load_meta(d)
-        diffs = ckpt.compare_fingerprints(meta["fingerprint"], self.fingerprint())
+        diffs = ckpt.compare_fingerprints(meta["fingerprint"], self._comparable_fingerprint(meta["fingerprint"]))
         if diffs:
             raise ckpt.IncompatibleCheckpoint(
                 f"refusing to resume from {d}: it was written by an incompatible configuration:\n  - "
@@ -309,6 +316,18 @@ class Trainer:
         ckpt.set_rng_state(st["rng"])
         self._apply_changes(meta)
         return tag
+
+    def _comparable_fingerprint(self, saved: dict) -> dict:
+        """This run's fingerprint, minus keys an older checkpoint did not record (announced, not checked);
+        an older relative recipe path is compared resolved."""
+        fp = self.fingerprint()
+        unrecorded = [k for k in fp if k not in saved]
+        if unrecorded:
+            self._say(f"the checkpoint predates the {', '.join(unrecorded)} check(s): not verified on this resume")
+        rec = saved.get("recipe")
+        if isinstance(rec, str) and not rec.startswith("synthetic") and not os.path.isabs(rec):
+            saved["recipe"] = str(Path(rec).resolve())
+        return {k: v for k, v in fp.items() if k in saved}
 
     def _apply_changes(self, meta):
         """Settings that may change on resume are applied (the lr schedule is rebuilt from this run's
@@ -403,6 +422,7 @@ class Trainer:
             return self._run()
         finally:
             self._unlock()
+            self.stop.restore()
 
     def _reads_data(self) -> bool:
         return self.pp == 1 or self.engine.is_first_stage() or self.engine.is_last_stage()
