@@ -249,11 +249,10 @@ def _save_error(ckpt: Path, e: OSError) -> CheckpointSaveError:
         free = f" ({shutil.disk_usage(ckpt.parent).free / 2**30:.1f} GiB free there now)"
     except OSError:
         pass
-    fix = ("free disk space or raise the quota" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-           else "check that the output directory is writable")
     return CheckpointSaveError(e.errno, f"could not write checkpoint {ckpt}: {e.strerror or e}{free}; the previous "
-                                        f"checkpoint ('latest') is intact and the partial one was removed; {fix}, "
-                                        "then re-run the same command to resume")
+                                        "checkpoint ('latest') is intact and the partial one was removed; free disk "
+                                        "space (or raise the quota, or fix the permissions), then re-run the same "
+                                        "command to resume")
 
 
 def save(engine, root: Path, step: int, *, rank: int, trainer_state: dict, meta: dict, keep_last: int,

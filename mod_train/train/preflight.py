@@ -3,7 +3,7 @@
     plan = preflight(spec, tc)     # raises PreflightError (a ValueError): one line naming field, value, fix
 
 `Trainer.setup` calls it first; a launcher can call it too, before starting ranks, and print the
-error as one line (`USER_ERRORS` lists every exception type that is the user's to fix).
+error as one line (`user_errors()` lists every exception type whose message is the whole story).
 
 Checked: the model location (a missing local folder is reported as such, never as a bad hub id) and
 its config (read, not the weights); the DeepSpeed config file; the recipe (loads and validates); the
@@ -41,8 +41,6 @@ class Plan:
 
     hf_config: object
     """The dense model's transformers config (no weights loaded)."""
-    max_positions: int | None
-    """The model's max_position_embeddings (None if the config has none)."""
     tokenizer: object | None
     """The run's tokenizer (None: no tokenizer found, allowed for synthetic data only)."""
     tokenizer_source: str | None
@@ -51,8 +49,6 @@ class Plan:
     """Content hash of the run's tokenizer (part of the resume fingerprint)."""
     recipe: str
     """The recipe as the fingerprint records it: 'synthetic...' or the resolved YAML path."""
-    seq_lens: list
-    """Every sequence length this run will train at."""
 
 
 def _fail(field: str, value, why: str, fix: str):
@@ -228,9 +224,10 @@ def check_lengths(lens: list, max_positions: int | None, recipe) -> None:
 
 def preflight(spec, tc) -> Plan:
     """Check everything cheap about a run (see the module docstring); raise PreflightError or return the Plan."""
+    from mod_train.train.config import ConfigError
     try:
         return _preflight(spec, tc)
-    except MissingPathError as e:
+    except (MissingPathError, ConfigError) as e:
         raise PreflightError(str(e)) from None
 
 
@@ -240,17 +237,15 @@ def _preflight(spec, tc) -> Plan:
     check_ds(spec.ds)
     recipe, recipe_key = load_recipe_checked(spec.recipe)
     hf_config = read_model_config(spec.model)
-    max_pos = getattr(hf_config, "max_position_embeddings", None)
-    lens = seq_lens(tc, recipe)
-    check_lengths(lens, max_pos, recipe)
+    check_lengths(seq_lens(tc, recipe), getattr(hf_config, "max_position_embeddings", None), recipe)
     tok, source = load_run_tokenizer(spec, needed=recipe is not None)
     if tok is not None:
         check_tokenizer_fits(tok, source, hf_config, recipe)
     if recipe is not None:
         check_tokenizer_agreement(recipe, tok, source, spec.allow_tokenizer_mismatch)
     check_out(spec.out)
-    return Plan(hf_config=hf_config, max_positions=max_pos, tokenizer=tok, tokenizer_source=source,
-                tokenizer_id=tokenizer_identity(tok) if tok is not None else None, recipe=recipe_key, seq_lens=lens)
+    return Plan(hf_config=hf_config, tokenizer=tok, tokenizer_source=source,
+                tokenizer_id=tokenizer_identity(tok) if tok is not None else None, recipe=recipe_key)
 
 
 def user_errors() -> tuple:

@@ -301,7 +301,7 @@ class Trainer:
             return None
         d = self.ckpt_root / tag
         meta = ckpt.load_meta(d)
-        diffs = ckpt.compare_fingerprints(meta["fingerprint"], self._comparable_fingerprint(meta["fingerprint"]))
+        diffs = ckpt.compare_fingerprints(*self._comparable_fingerprints(meta["fingerprint"]))
         if diffs:
             raise ckpt.IncompatibleCheckpoint(
                 f"refusing to resume from {d}: it was written by an incompatible configuration:\n  - "
@@ -317,17 +317,18 @@ class Trainer:
         self._apply_changes(meta)
         return tag
 
-    def _comparable_fingerprint(self, saved: dict) -> dict:
-        """This run's fingerprint, minus keys an older checkpoint did not record (announced, not checked);
-        an older relative recipe path is compared resolved."""
+    def _comparable_fingerprints(self, saved: dict) -> tuple[dict, dict]:
+        """(checkpoint's, this run's) fingerprints to compare: keys an older checkpoint did not record are
+        announced and left out; an older, relative recipe path is compared resolved."""
         fp = self.fingerprint()
         unrecorded = [k for k in fp if k not in saved]
         if unrecorded:
             self._say(f"the checkpoint predates the {', '.join(unrecorded)} check(s): not verified on this resume")
+        saved = dict(saved)
         rec = saved.get("recipe")
         if isinstance(rec, str) and not rec.startswith("synthetic") and not os.path.isabs(rec):
             saved["recipe"] = str(Path(rec).resolve())
-        return {k: v for k, v in fp.items() if k in saved}
+        return saved, {k: v for k, v in fp.items() if k in saved}
 
     def _apply_changes(self, meta):
         """Settings that may change on resume are applied (the lr schedule is rebuilt from this run's
@@ -436,8 +437,9 @@ class Trainer:
     def _check_finite(self, m: dict) -> None:
         """Stop on a NaN/Inf loss term or gradient norm, before anything of this step is saved."""
         gn = self.engine.get_global_grad_norm()
-        terms = {"loss/lm": m["loss/lm"], "loss/aux": m["loss/aux"],
-                 "grad_norm": float(gn) if gn is not None else 0.0}
+        terms = {"loss/lm": m["loss/lm"], "loss/aux": m["loss/aux"]}
+        if gn is not None:
+            terms["grad_norm"] = float(gn)
         bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
         if not bad:
             return
