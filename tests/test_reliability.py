@@ -172,17 +172,20 @@ def test_resume_applies_changed_lr_and_refuses_fixed_settings(tiny, tmp_path, ca
 
 @pytest.mark.slow
 def test_zeroed_block_in_optimizer_state_falls_back_loudly(tiny, tmp_path, capfd):
-    run_ranks(worker, 1, tiny, tmp_path, {"max_steps": 6, "save_every": 2, "exit_after_steps": 4})
+    """Two ranks: rank 1's ZeRO shard is damaged, only rank 1 verifies it, both ranks fall back together."""
+    run = {"max_steps": 6, "save_every": 2}
+    run_ranks(worker, 2, tiny, tmp_path, {**run, "exit_after_steps": 4}, ds="ds_configs/zero2.json")
     first = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
              if "step" in r and "event" not in r}
-    victim = max((p for p in (tmp_path / "checkpoints" / "step_000004").iterdir() if p.name.endswith("optim_states.pt")),
-                 key=lambda p: p.stat().st_size)
+    newest = tmp_path / "checkpoints" / "step_000004"
+    victim = next(newest.glob("*zero_pp_rank_1_*optim_states.pt"))
+    assert json.loads((newest / "MANIFEST.json").read_text())["files"][victim.name]["rank"] == 1
     data = bytearray(victim.read_bytes())
     mid = len(data) // 2
     data[mid:mid + 4096] = bytes(4096)
     victim.write_bytes(bytes(data))  # same size, different bytes
-    assert ckpt.check_complete(victim.parent, hashes=None) is None  # sizes alone cannot see it
-    run_ranks(worker, 1, tiny, tmp_path, {"max_steps": 6, "save_every": 2})
+    assert ckpt.check_complete(newest, hashes=None) is None  # sizes alone cannot see it
+    run_ranks(worker, 2, tiny, tmp_path, run, ds="ds_configs/zero2.json")
     out = capfd.readouterr().out
     assert "does not match its checksum" in out and "FALLING BACK to the previous good checkpoint 'step_000002'" in out
     again = losses(tmp_path)
