@@ -138,11 +138,24 @@ def test_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, capsys):
     assert "taking over a stale run lock" in capsys.readouterr().out
     assert json.loads((tmp_path / "RUN.lock").read_text())["host"] == socket.gethostname()
     lock.release()
-    # another host whose heartbeat stopped
+    # another host: refused while its heartbeat goes on, taken over once it stops (requeue after a crash)
+    import threading
     (tmp_path / "RUN.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
-    os.utime(tmp_path / "RUN.lock", (0, 0))
-    lock = RunLock(tmp_path)
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(0.05):
+            os.utime(tmp_path / "RUN.lock")
+
+    beat = threading.Thread(target=heartbeat)
+    beat.start()
+    with pytest.raises(RunLocked, match="host elsewhere"):
+        RunLock(tmp_path, heartbeat_s=0.2).acquire()
+    stop.set()
+    beat.join()
+    lock = RunLock(tmp_path, heartbeat_s=0.2)
     lock.acquire()
+    assert "no heartbeat for 1 s while we watched" in capsys.readouterr().out
     lock.release()
 
 

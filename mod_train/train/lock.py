@@ -2,11 +2,15 @@
 
     lock = RunLock(out); lock.acquire()     # raises RunLocked naming the holder; lock.release() at the end
 
-The file is created with O_EXCL, so two starts cannot both win. A lock is stale, and taken over with
-a notice, when its holder is on this host and its pid is gone, or when it is on another host and its
-heartbeat (the file's mtime, touched every `HEARTBEAT_S` by a daemon thread) is older than `STALE_S`.
-A lock written by this very process (same host and pid) is ours: a Trainer run twice in one process
-(tests, the ablation) does not lock itself out.
+The file is created with O_EXCL, so two starts cannot both win. While the run lives, a daemon thread
+touches the file every `heartbeat_s`. A lock is stale, and taken over with a notice, when
+- its holder is on this host and that process is gone (pid missing, or a new process under the same
+  pid: the start time recorded in the lock differs), or
+- its holder is on another host and the heartbeat has stopped: older than `STALE_S`, or not renewed
+  while we watch for three heartbeat periods (a job requeued onto another node after a crash starts
+  within a minute, not after the full `STALE_S`).
+A lock written by this very process is ours: a Trainer run twice in one process (tests, the ablation)
+does not lock itself out.
 """
 from __future__ import annotations
 
@@ -18,12 +22,20 @@ import time
 from pathlib import Path
 
 LOCK_NAME = "RUN.lock"
-HEARTBEAT_S = 30.0
+HEARTBEAT_S = 15.0
 STALE_S = 300.0
 
 
 class RunLocked(RuntimeError):
     """Another live run holds the output directory."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), None where /proc has no answer."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -40,7 +52,8 @@ class RunLock:
     def __init__(self, out, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S):
         self.path = Path(out) / LOCK_NAME
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        pid = os.getpid()
+        self.me = {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid)}
         self._stop = threading.Event()
         self._thread = None
 
@@ -52,17 +65,34 @@ class RunLock:
         except (OSError, ValueError):
             return {"host": "?", "pid": -1, "unreadable": True}
 
+    def _mtime(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def why_stale(self, h: dict) -> str | None:
-        """The reason the lock `h` is stale, or None if its holder may be alive."""
+        """The reason the lock `h` is stale, or None if its holder is alive."""
         if h.get("unreadable"):
             return "the lock file is unreadable"
         if h.get("host") == self.me["host"]:
-            return None if _pid_alive(int(h.get("pid", -1))) else f"process {h.get('pid')} no longer exists"
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
+            pid = int(h.get("pid", -1))
+            if not _pid_alive(pid):
+                return f"process {pid} no longer exists"
+            if h.get("start") and _start_time(pid) not in (None, h["start"]):
+                return f"process {pid} is a different process now"
+            return None
+        seen = self._mtime()
+        if seen is None:
             return "the lock vanished"
-        return f"no heartbeat for {age:.0f} s" if age > self.stale_s else None
+        if time.time() - seen > self.stale_s:
+            return f"no heartbeat for {time.time() - seen:.0f} s"
+        deadline = time.monotonic() + 3 * self.heartbeat_s
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.heartbeat_s / 4))
+            if self._mtime() != seen:
+                return None
+        return f"no heartbeat for {3 * self.heartbeat_s:.0f} s while we watched"
 
     def _create(self) -> bool:
         try:
