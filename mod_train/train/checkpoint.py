@@ -219,7 +219,7 @@ class CheckpointSaveError(OSError):
 def recording_writes(engine):
     """Collect the paths DeepSpeed's checkpoint engine writes on this rank during the block."""
     ce = engine.checkpoint_engine
-    orig = ce.save
+    orig, own = ce.save, "save" in vars(ce)
     written = []
 
     def save(state_dict, path, *a, **k):
@@ -231,7 +231,10 @@ def recording_writes(engine):
     try:
         yield written
     finally:
-        del ce.save
+        if own:
+            ce.save = orig
+        else:
+            del ce.save
 
 
 def agree_max(value: int) -> int:
