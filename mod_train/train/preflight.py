@@ -57,22 +57,22 @@ def _fail(field: str, value, why: str, fix: str):
 
 # -- numbers -----------------------------------------------------------------------------------------
 
-_RANGES = {  # field: (lowest allowed, meaning)
-    "log_every": (1, "log every N optimizer steps"),
-    "save_every": (0, "0 = only at the end and on a signal"),
-    "exit_after_steps": (0, "0 = off"),
-    "warmup_steps": (0, "linear warm-up steps"),
-    "grad_clip": (0, "0 disables clipping"),
-    "weight_decay": (0, "AdamW weight decay"),
-    "keep_last": (1, "checkpoints kept"),
+_RANGES = {  # field: (lowest allowed, meaning, a typical value)
+    "log_every": (1, "log every N optimizer steps", 1),
+    "save_every": (0, "checkpoint every N steps, 0 = only at the end and on a signal", 500),
+    "exit_after_steps": (0, "0 = off", 0),
+    "warmup_steps": (0, "linear warm-up steps", 50),
+    "grad_clip": (0, "0 disables clipping", 1.0),
+    "weight_decay": (0, "AdamW weight decay", 0.0),
 }
 
 
 def check_numbers(tc) -> None:
-    for name, (lo, meaning) in _RANGES.items():
+    """The ranges TrainConfig.validate leaves open."""
+    for name, (lo, meaning, typical) in _RANGES.items():
         v = getattr(tc, name)
         if not isinstance(v, (int, float)) or v < lo:
-            _fail(f"train.{name}", v, f"must be >= {lo} ({meaning})", f"set --train.{name} {max(lo, 1)}")
+            _fail(f"train.{name}", v, f"must be >= {lo} ({meaning})", f"e.g. --train.{name} {typical}")
     if tc.seq_len is not None and tc.seq_len < 2:
         _fail("train.seq_len", tc.seq_len, "must be >= 2 (a row of one token has no next token to predict)",
               "set --train.seq_len 2048 or leave it unset to use the recipe's stages")
@@ -117,7 +117,7 @@ def check_ds(ds) -> None:
 # -- tokenizer --------------------------------------------------------------------------------------
 
 def tokenizer_identity(tok) -> str:
-    """A content hash: equal for two tokenizers that map every text to the same ids."""
+    """A content hash of the tokenizer model (vocabulary, merges) and its added tokens with their ids."""
     import xxhash
     if getattr(tok, "is_fast", False):
         d = json.loads(tok.backend_tokenizer.to_str())
