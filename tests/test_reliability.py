@@ -89,6 +89,27 @@ def test_offline_recipe_alias_smollm2_agrees_with_the_smollm2_folder(tmp_path):
     check_tokenizer_agreement(rec, AutoTokenizer.from_pretrained(copy), str(copy), allow_mismatch=False)
 
 
+@pytest.mark.parametrize("script", ["llama70b_tp8_zero3.sbatch", "llama70b_zero3_offload.sbatch"])
+def test_cluster_examples_use_the_hub_recipe_with_the_models_tokenizer(tiny_data, tmp_path, script):
+    import subprocess
+    import sys
+    from mod_train.data import load_recipe
+    from mod_train.train.preflight import preflight
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[01-08]", "PYTHON": sys.executable}
+    p = subprocess.run(["bash", f"launch/slurm/{script}"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--recipe data_recipes/hub_long_mix.yaml" in p.stdout and "offline_long_mix" not in p.stdout
+    rec = load_recipe(root / "data_recipes/hub_long_mix.yaml")  # the schema, offline
+    assert rec.tokenizer == "model" and {s.type for s in rec.sources} == {"hub"}
+    assert {s.name for s in rec.sources} == {"web", "code", "books"}
+    model, _ = tiny_data  # any model: its own tokenizer is the run's, nothing to disagree with
+    plan = preflight(*spec_and_tc(model, tmp_path / "o", str(root / "data_recipes/hub_long_mix.yaml"),
+                                  {"seq_len": 64}))
+    assert plan.tokenizer_source == model
+
+
 def test_training_data_is_tokenised_by_the_runs_tokenizer(tiny_data, tmp_path):
     from transformers import AutoTokenizer
     from mod_train.train.data import build_stream
