@@ -19,7 +19,7 @@ import re
 import sys
 from typing import Callable, Sequence, TypeVar
 
-from mod_train.config import ConfigError
+from mod_train.config import ConfigError, UserError
 
 T = TypeVar("T")
 
@@ -103,7 +103,7 @@ def main(fn: Callable[[list[str]], int | None], prog: str | None = None) -> None
     debug = "--debug" in argv
     try:
         code = fn(argv)
-    except ConfigError as e:
+    except UserError as e:
         if debug:
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -18,7 +18,12 @@ from typing import Any, Literal, Optional, Union
 LayerSpec = Union[Literal["odd", "even", "all"], list[int]]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem its message fully explains (a bad setting or input, a refused resume, a diverged run): the
+    launchers print it as one line and exit non-zero, with the traceback only under --debug (mod_train.cli)."""
+
+
+class ConfigError(UserError, ValueError):
     """A setting is invalid; the message names the field, the value and the fix."""
 
 
@@ -343,6 +348,28 @@ class EvalConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 (or null where allowed)")
 
+    def check_models(self) -> None:
+        """Cheap checks of the model locations before any model is loaded (a missing local folder is named as
+        such, not as a bad hub id), and a warning for lengths beyond the dense model's max_position_embeddings
+        (perplexity there measures extrapolation)."""
+        import warnings
+
+        from mod_train.paths import check_model_location
+        if self.dense is not None:
+            check_model_location(self.dense, "EvalConfig.dense")
+        if self.mod:
+            check_model_location(self.mod, "EvalConfig.mod")
+        if self.dense is None:
+            return
+        from transformers import AutoConfig
+        limit = getattr(AutoConfig.from_pretrained(self.dense), "max_position_embeddings", None)
+        beyond = [n for n in self.lengths if limit is not None and n > limit]
+        if beyond:
+            msg = (f"EvalConfig.lengths {beyond} exceed the dense model's max_position_embeddings {limit}: "
+                   "perplexity there measures extrapolation beyond the trained context")
+            warnings.warn(msg, stacklevel=2)
+            print(f"[mod_train] warning: {msg}", flush=True)
+
 
 @dataclass
 class RunSpec:
@@ -359,7 +386,9 @@ class RunSpec:
     dense: bool = False
     """Train the unmodified dense model (baseline) instead of the MoD model."""
     tokenizer: Optional[str] = None
-    """Tokenizer location if not the model directory."""
+    """The run's tokenizer if not the model's own: it tokenises the data and ships with the export."""
+    allow_tokenizer_mismatch: bool = False
+    """Train although the recipe's `tokenizer:` differs from the run's tokenizer (which is used anyway)."""
     data: dict[str, Any] = field(default_factory=dict)
     """Recipe overrides as dotted keys, e.g. {'seed': 3, 'stages.0.seq_len': 1024, 'sources.code.weight': 0.5}."""
     teacher: Optional[str] = None

@@ -33,14 +33,11 @@ def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0, **kw):
 
 
 def randomize_routers(model, std: float = 1.0, bias: float = 0.0, seed: int = 0):
-    """Give routers token-dependent gates so that roughly half the tokens run (tests need both kinds)."""
-    g = torch.Generator().manual_seed(seed)
+    """Token-dependent gates so that roughly half the tokens run (tests need both kinds): the library's
+    mod_train.random_routers, under no_grad."""
+    from mod_train import random_routers
     with torch.no_grad():
-        for i in model.routed_layers:
-            r = model.model.layers[i].router
-            r.weight.copy_(torch.randn(r.weight.shape, generator=g) * std / r.weight.shape[1] ** 0.5)
-            r.bias.fill_(bias)
-    return model
+        return random_routers(model, seed=seed, std=std, bias=bias)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ varlen kernel (when installed) agrees with SDPA."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def test_cuda_bf16_fast_equals_reference_and_cpu():
         ref_cpu = cpu(input_ids=ids, labels=ids).lm_loss
     fast = copy.deepcopy(cpu).to("cuda", torch.bfloat16)
     refm = copy.deepcopy(fast)
-    refm.config.mod = {**refm.config.mod, "impl": "reference"}
+    refm.set_mod_config(dataclasses.replace(refm.mod_config, impl="reference"))
     ids = ids.cuda()
     with torch.no_grad():
         a = fast(input_ids=ids, labels=ids)

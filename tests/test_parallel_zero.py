@@ -1,5 +1,6 @@
 """ZeRO 1/2/3 on 2 CPU ranks give the single-process reference losses; ZeRO-3 routers survive
 init -> save -> load -> export."""
+import dataclasses
 import json
 
 import pytest
@@ -106,9 +107,8 @@ def _no_tokens_on_rank0(model, out):
 
     def probe(tr):
         if dist.get_rank() == 0:  # this rank selects no token in any routed layer
-            cfg = tr.model.mod_config.to_dict()
-            cfg["layer_thresholds"] = {i: 0.999999 for i in tr.model.routed_layers}
-            tr.model.set_mod_config(MoDConfig.from_dict(cfg))
+            tr.model.set_mod_config(dataclasses.replace(
+                tr.model.mod_config, layer_thresholds={i: 0.999999 for i in tr.model.routed_layers}))
     return train(RunSpec(model=model, out=str(out), ds="ds_configs/zero3.json"),
                  TrainConfig(**{**TINY_TRAIN, "max_steps": 2}), MoDConfig(**TINY_MOD), after_setup=probe)
 

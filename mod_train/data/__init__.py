@@ -26,8 +26,8 @@ from mod_train.data.recipe import (DataConfig, DataError, HeldoutConfig, Recipe,
                                    load_recipe)
 from mod_train.data.stream import (IGNORE_INDEX, TENSOR_KEYS, PackedStream, collate, heldout_documents,
                                    load_tokenizer)
-from mod_train.data.streams import CurriculumStream, SyntheticStream, build_stream
+from mod_train.data.streams import CurriculumStream, StepRows, SyntheticStream, build_stream
 
 __all__ = ["DataConfig", "DataError", "HeldoutConfig", "Recipe", "SourceConfig", "StageConfig", "load_recipe",
            "IGNORE_INDEX", "TENSOR_KEYS", "PackedStream", "collate", "heldout_documents", "load_tokenizer",
-           "CurriculumStream", "SyntheticStream", "build_stream"]
+           "CurriculumStream", "StepRows", "SyntheticStream", "build_stream"]

@@ -5,7 +5,8 @@ reads the stream directly (it resumes exactly from `PackedStream.state_dict()`).
 Shard layout in OUT/: `shard_00000.npz` ... (arrays input_ids, position_ids, doc_ids, labels,
 source_ids: int32 [rows, seq_len]) and `index.json` (seq_len, source names, rows per shard, the
 recipe fingerprint and the stream state after each shard, so the stream can continue where the
-shards stop).
+shards stop). A rebuild removes the old index.json first and writes the new one last: an
+interrupted build leaves no index, never one that describes other shards.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def build(recipe: Recipe, stage: int = 0, rows: Optional[int] = None, dp_rank: i
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        (out / "index.json").unlink(missing_ok=True)  # the old index would describe shards being overwritten
 
     def flush():
         if not buf["input_ids"]:
@@ -94,7 +96,11 @@ def build(recipe: Recipe, stage: int = 0, rows: Optional[int] = None, dp_rank: i
         index = {"recipe": recipe.name, "recipe_path": recipe.path, "fingerprint": stream.fingerprint(),
                  "stage": stage, "seq_len": stream.seq_len, "split": split, "dp_rank": dp_rank,
                  "dp_world_size": dp_world_size, "sources": stream.source_names, "rows": n, "shards": shards}
-        (out / "index.json").write_text(json.dumps(index))
+        tmp = out / f"index.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, out / "index.json")  # last, and atomically: an index exists only for a finished build
+        for old in set(p.name for p in out.glob("shard_*.npz")) - {s["file"] for s in shards}:
+            (out / old).unlink()  # shards of an earlier, longer build
 
     names = stream.source_names
     weights = recipe.normalised_weights()

@@ -36,7 +36,7 @@ def unit_hash(*parts) -> float:
 class Entry:
     """One raw record, not yet decoded."""
 
-    raw: object  # a JSON line (str) or a record (dict) or the text of a file
+    raw: object  # a JSON line (str; bytes if not UTF-8), a record (dict), or a text file's path
     where: str   # file:line or file or hub id:index, for messages
     kind: str    # "jsonl" | "record" | "text"
     title: Optional[str] = None
@@ -47,11 +47,37 @@ class BadRecord(Exception):
     pass
 
 
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord(f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}: {e.reason})") from None
+
+
+def read_text_file(path: str) -> str:
+    """A text file as `open(path, encoding="utf-8").read()` gives it (universal newlines); BadRecord if not UTF-8."""
+    with open(path, "rb") as f:
+        return _decode(f.read()).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def split_lines(raw: bytes) -> list:
+    """The lines of one physical (b"\\n"-ended) line as text-mode reading plus str.splitlines() gives them
+    (what the datasets text loader did, so record positions are unchanged); an undecodable line stays
+    one bytes line, for parse() to reject with its file and line."""
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return [raw]
+
+
 def parse(entry: Entry, src: SourceConfig) -> tuple[str, str]:
-    """-> (title, text); raises BadRecord for malformed JSON or a record without a usable text field."""
+    """-> (title, text); raises BadRecord for a line that is not UTF-8, malformed JSON or a record without
+    a usable text field."""
     if entry.kind == "text":
-        return entry.title or entry.where, entry.raw
+        return entry.title or entry.where, read_text_file(entry.raw)
     rec = entry.raw
+    if isinstance(rec, bytes):
+        rec = _decode(rec)
     if entry.kind == "jsonl":
         try:
             rec = json.loads(rec)
@@ -88,6 +114,16 @@ class RawSource:
         self.files = [] if self.src.type == "hub" else source_files(self.src, base)
         self._parquet_rows: dict[str, int] = {}
 
+    def record_files(self) -> list[str]:
+        """The `Entry.file` keys of this source's records (the unit of the bad-record fraction)."""
+        if self.src.type == "hub":
+            return [self.src.hub_id]
+        return [self._text_key] if self.src.type == "text" else list(self.files)
+
+    @property
+    def _text_key(self) -> str:
+        return f"{self.src.name} (text files)"
+
     # -- order ---------------------------------------------------------------------------------
     def _rng(self, *parts) -> random.Random:
         return random.Random(stable_hash(self.recipe.seed, self.salt, self.src.name, *parts))
@@ -105,26 +141,22 @@ class RawSource:
         from datasets import load_dataset
 
         t = self.src.type
-        if t == "text":
-            files = files[skip:]
-            if not files:
-                return
-            ds = load_dataset("text", data_files=files, sample_by="document", streaming=True, split="train")
-            for f, row in zip(files, ds):
-                yield Entry(row["text"], f, "text", title=_file_title(f), file=f)
+        if t == "text":  # read lazily by parse(), so other ranks' files are never opened
+            for f in files[skip:]:  # the bad-record fraction of one-document files is taken over the source
+                yield Entry(f, f, "text", title=_file_title(f), file=self._text_key)
         elif t == "jsonl":
             for f in files:
-                ds = load_dataset("text", data_files=[f], streaming=True, split="train")
                 lineno = 0
-                for batch in ds.iter(batch_size=512):
-                    for line in batch["text"]:
-                        lineno += 1
-                        if not line.strip():
-                            continue
-                        if skip:
-                            skip -= 1
-                            continue
-                        yield Entry(line, f"{f}:{lineno}", "jsonl", file=f)
+                with open(f, "rb") as fh:
+                    for physical in fh:
+                        for line in split_lines(physical):
+                            lineno += 1
+                            if not line.strip():
+                                continue
+                            if skip:
+                                skip -= 1
+                                continue
+                            yield Entry(line, f"{f}:{lineno}", "jsonl", file=f)
         elif t == "parquet":
             import pyarrow.parquet as pq
             while files and skip:

@@ -49,13 +49,18 @@ TENSOR_KEYS = ("input_ids", "position_ids", "doc_ids", "labels", "source_ids")
 IGNORE_INDEX = -100
 _STATE_VERSION = 1
 _TOKENIZE_CHARS = 1 << 20  # a tokenisation batch stops at this many characters (bounds resume work)
+MODEL_TOKENIZER = "model"  # recipe `tokenizer:` value: the training model's own tokenizer
 
 
 def load_tokenizer(recipe_or_name: Union[Recipe, str]):
-    """The recipe's tokenizer ('smollm2' = the offline SmolLM2 directory)."""
+    """The recipe's tokenizer ('smollm2' = the offline SmolLM2 directory). A recipe with `tokenizer: model`
+    is tokenised by the training model's own tokenizer: tools without a model must be given one."""
     from transformers import AutoTokenizer
 
     name = recipe_or_name.tokenizer if isinstance(recipe_or_name, Recipe) else recipe_or_name
+    if name == MODEL_TOKENIZER:
+        raise DataError("this recipe says `tokenizer: model` (the training model's own tokenizer): pass the "
+                        "tokenizer explicitly (e.g. PackedStream(recipe, tokenizer=AutoTokenizer.from_pretrained(dir)))")
     if name == "smollm2":
         from mod_train.offline import smollm2_path
         name = str(smollm2_path())
@@ -89,7 +94,9 @@ def is_heldout(recipe: Recipe, source: str, title: str, text: str) -> bool:
 
 
 class _BadLines:
-    """Counts malformed records per file; warns with file:line; fails above recipe.max_bad_fraction."""
+    """Counts malformed records per file, each line once: only the first pass (epoch 0) counts, and the
+    fraction is judged over the whole file when that pass ends, never on running counts. Warns with
+    file:line; fails above recipe.max_bad_fraction."""
 
     MAX_WARNINGS_PER_FILE = 5
 
@@ -98,19 +105,21 @@ class _BadLines:
         self.seen: dict[str, int] = defaultdict(int)
         self.bad: dict[str, int] = defaultdict(int)
 
-    def ok(self, file: str) -> None:
-        self.seen[file] += 1
+    def ok(self, file: str, epoch: int = 0) -> None:
+        if epoch == 0:
+            self.seen[file] += 1
 
-    def record(self, source: str, where: str, file: str, why: str) -> None:
+    def record(self, source: str, where: str, file: str, why: str, epoch: int = 0) -> None:
+        if epoch != 0:
+            return
         self.seen[file] += 1
         self.bad[file] += 1
         if self.bad[file] <= self.MAX_WARNINGS_PER_FILE:
             warnings.warn(f"source '{source}': skipping {where}: {why}", stacklevel=2)
-        if self.seen[file] >= 20:
-            self.check(source, file)
 
-    def check(self, source: str, file: Optional[str] = None) -> None:
-        for f in [file] if file else list(self.bad):
+    def check(self, source: str, files) -> None:
+        """After a whole pass over `files`: fail if one has too many malformed records."""
+        for f in files:
             if self.bad[f] and self.bad[f] / self.seen[f] > self.limit:
                 raise DataError(f"source '{source}': {self.bad[f]} of {self.seen[f]} records of {f} are malformed "
                                 f"({self.bad[f] / self.seen[f]:.1%} > max_bad_fraction {self.limit:.1%})")
@@ -160,9 +169,9 @@ class _Reader:
                 try:
                     title, text = parse(entry, src)
                 except BadRecord as e:
-                    s._bad.record(src.name, entry.where, entry.file, str(e))
+                    s._bad.record(src.name, entry.where, entry.file, str(e), epoch)
                     continue
-                s._bad.ok(entry.file)
+                s._bad.ok(entry.file, epoch)
                 if is_heldout(s.recipe, src.name, title, text) != want_heldout:
                     continue
                 batch.append((p, title, text))
@@ -175,7 +184,7 @@ class _Reader:
             for d in self._tokenize(epoch, batch):
                 kept += 1
                 yield d
-            s._bad.check(src.name)
+            s._bad.check(src.name, self.raw.record_files())
             if pos == 0 and not raw_seen:
                 raise DataError(f"source '{src.name}' is empty: no documents in "
                                 f"{src.hub_id or src.path}")
@@ -438,6 +447,8 @@ def heldout_documents(recipe: Recipe, max_docs: Optional[int] = None,
                 found.append((title, src.name, text))
                 if per_source is not None and len(found) >= per_source:
                     break
+        else:
+            bad.check(src.name, raw.record_files())
         per.append(found)
     out = []
     for k in range(max((len(x) for x in per), default=0)):  # round-robin over sources

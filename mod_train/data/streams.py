@@ -102,9 +102,10 @@ class CurriculumStream:
 
 
 def build_stream(recipe: str, *, seq_len: int | None, seed: int, dp_rank: int, dp_world_size: int,
-                 vocab_size: int | None = None, overrides: dict | None = None):
+                 vocab_size: int | None = None, tokenizer=None, overrides: dict | None = None):
     """A stream for `recipe`: 'synthetic[:vocab=V,doc=D]' (random tokens) or a data recipe YAML
-    (mod_train.data; the recipe names its tokenizer). `seq_len` overrides the recipe's stage lengths;
+    (mod_train.data) tokenised by `tokenizer`, the run's tokenizer (see mod_train.train.preflight;
+    None: the recipe's own, for tools without a model). `seq_len` overrides the recipe's stage lengths;
     `overrides` are the recipe's dotted-key overrides (RunSpec.data)."""
     if recipe == "synthetic" or recipe.startswith("synthetic:"):
         opts = dict(kv.split("=") for kv in recipe.split(":", 1)[1].split(",")) if ":" in recipe else {}
@@ -113,8 +114,36 @@ def build_stream(recipe: str, *, seq_len: int | None, seed: int, dp_rank: int, d
     from mod_train.data.recipe import load_recipe
     from mod_train.data.stream import load_tokenizer
     rec = load_recipe(recipe, **(overrides or {}))
-    tok = load_tokenizer(rec)
-    if vocab_size is not None and len(tok) > vocab_size:
-        raise ValueError(f"the recipe's tokenizer ({rec.tokenizer}) has {len(tok)} tokens but the model's vocabulary "
-                         f"has {vocab_size}: use the model's own tokenizer in the recipe")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(rec)
     return CurriculumStream(rec, tok, dp_rank, dp_world_size, seq_len=seq_len)
+
+
+class StepRows:
+    """A stream wrapper that takes one optimizer step's rows up front, so that running out of data is
+    known before the step starts (never half-way through a gradient accumulation)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buffer: list = []
+        self.source_names = getattr(stream, "source_names", None)
+
+    def fill(self, n: int) -> bool:
+        """Take `n` rows; False if the data ran out (the rows taken so far are dropped)."""
+        try:
+            self.buffer = [next(self.stream) for _ in range(n)]
+        except StopIteration:
+            self.buffer = []
+            return False
+        return True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.buffer.pop(0)
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, st):
+        self.stream.load_state_dict(st)

@@ -60,11 +60,11 @@ def _fmt_bytes(b: float) -> str:
 
 def run_eval(cfg: EvalConfig) -> dict:
     from mod_train.data import load_recipe, load_tokenizer
-    from mod_train.config import MoDConfig
     cfg.validate()
     if cfg.dense is None:
         from mod_train.offline import resolve_model
         cfg.dense = resolve_model("smollm2")
+    cfg.check_models()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -113,9 +113,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     dense_kv = res["prefill"]["dense"]["kv_bytes"]
     if mcfg.routing == "threshold" and cfg.targets:
         batches = calibration_batches(cal_docs, min(SL, cfg.calib_tokens))
-        orig = MoDConfig.from_dict(mcfg.to_dict())
+        orig = mcfg
         for t in cfg.targets:
-            mod.set_mod_config(MoDConfig.from_dict(orig.to_dict()))
+            mod.set_mod_config(orig)
             th = mod_calibrate(mod, batches, float(t))
             st = M.RoutingStats()
             with _bar(cfg, n_tok, f"sweep t={t} @{SL}") as bar:
@@ -179,10 +179,10 @@ def _unseen(cfg: EvalConfig, recipe, tok, dense, mod, lengths) -> dict:
 def mod_calibrate(model, batches, target: float) -> dict:
     """calibrate_thresholds, except target 1.0 = every token runs on any text (p at the smallest valid
     threshold; the calibration text's smallest gate need not bound the evaluated text's gates)."""
-    from mod_train import MoDConfig, calibrate_thresholds
+    from mod_train import calibrate_thresholds
     if target >= 1.0:
         th = {j: 1e-12 for j in model.routed_layers}
-        model.set_mod_config(MoDConfig.from_dict({**model.mod_config.to_dict(), "layer_thresholds": th}))
+        model.set_mod_config(dataclasses.replace(model.mod_config, layer_thresholds=th))
         return th
     return calibrate_thresholds(model, batches, target)
 

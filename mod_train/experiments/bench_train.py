@@ -50,15 +50,14 @@ class TrainBenchConfig:
     json: Optional[str] = None
     """Write the results here (default: <out>/results.json)."""
 
-def calibrate(t, m, rate, torch, collate, calibrate_thresholds, n_rows=2):
-    """Token-dependent routers (random weights, zero bias) with per-layer thresholds at `rate`.
-    Runs before deepspeed.initialize (Trainer.before_engine) so the engine's fp32 master copy has them."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for i in m.routed_layers:
-            r = m.model.layers[i].router
-            r.weight.copy_(torch.randn(r.weight.shape, generator=g) / r.weight.shape[1] ** 0.5)
-            r.bias.zero_()
+def calibrate(t, m, rate, n_rows=2):
+    """Token-dependent routers (random weights, zero bias) with per-layer thresholds at `rate`, calibrated on
+    the rows this benchmark trains on. Runs before deepspeed.initialize (Trainer.before_engine) so the
+    engine's fp32 master copy has them."""
+    import torch
+
+    from mod_train import random_routers
+    from mod_train.data import collate
     st = t.stream
     if hasattr(st, "row"):  # synthetic: the rows this benchmark trains on, so the realised rate is the target
         rows = [st.row(i) for i in range(n_rows)]
@@ -66,14 +65,14 @@ def calibrate(t, m, rate, torch, collate, calibrate_thresholds, n_rows=2):
         fresh = type(st)(st.recipe, st.tok, st.dp_rank, st.dp_world, st.seq_len)
         rows = [next(fresh) for _ in range(n_rows)]
     b = collate(rows)
-    calibrate_thresholds(m, [{"input_ids": b["input_ids"], "position_ids": b["position_ids"]}], rate)
+    with torch.no_grad():
+        random_routers(m, seed=0, batches=[{"input_ids": b["input_ids"], "position_ids": b["position_ids"]}],
+                       rate=rate)
 
 
 def run_train_bench(a: TrainBenchConfig) -> dict:
     """Build every configuration, interleave their steps, return (and write) tokens/s against dense."""
     from mod_train.config import MoDConfig, RunSpec, TrainConfig
-    from mod_train.data import collate
-    from mod_train.mod.convert import calibrate_thresholds
     from mod_train.offline import resolve_model
     from mod_train.parallel import dist as pdist
     from mod_train.train.trainer import Trainer
@@ -87,8 +86,7 @@ def run_train_bench(a: TrainBenchConfig) -> dict:
                          router_lr=1e-12 if a.freeze_routers else None, warmup_steps=0, save_every=0,
                          wandb="disabled", progress=False, per_source_loss=False)
         mc = MoDConfig(router_init="zero", alpha=0.0, threshold=0.5)
-        hook = None if rate is None else (lambda tr, m, rate=rate: calibrate(
-            tr, m, rate, torch, collate, calibrate_thresholds, n_rows=a.warmup + a.steps))
+        hook = None if rate is None else (lambda tr, m, rate=rate: calibrate(tr, m, rate, n_rows=a.warmup + a.steps))
         t = Trainer(RunSpec(model=model, out=str(out / name), ds=a.ds, recipe=a.recipe, dense=rate is None),
                     tc, None if rate is None else mc, before_engine=hook)
         t.setup()

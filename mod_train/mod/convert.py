@@ -28,9 +28,6 @@ from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 from mod_train.config import MoDConfig
-# moved to calibrate.py; re-exported (explicit `as`) for importers of the old path
-from mod_train.mod.calibrate import calibrate_thresholds as calibrate_thresholds
-from mod_train.mod.calibrate import fit_routers_to_importance as fit_routers_to_importance
 from mod_train.mod.model import MoDMixin
 from mod_train.mod.router import Router
 

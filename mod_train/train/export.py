@@ -1,5 +1,6 @@
 """Checkpoint -> HF directory (config, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained`
-loads after `import mod_train`.
+loads after `import mod_train`. Needs only the checkpoint: the dense model's config and the run's
+tokenizer (the one that tokenised the data) are saved in its `hf/` folder.
 
 Weights come from, in order of preference: the consolidated 16-bit state written at save time when
 tensor parallelism is on (zero_to_fp32 cannot read TP x ZeRO-3 checkpoints); per-layer pipeline
@@ -13,12 +14,16 @@ from pathlib import Path
 
 import torch
 
+from mod_train.paths import MissingPathError
 from mod_train.train import checkpoint as ckpt
 
 
 def resolve(path) -> tuple[Path, str]:
     """(checkpoints root, tag) for an output dir, a checkpoints dir, or one checkpoint dir."""
     p = Path(path)
+    if not p.is_dir():
+        raise MissingPathError(f"checkpoint = {str(path)!r}: the folder does not exist (resolved: {p.resolve()}); "
+                               "give a run directory, its checkpoints/ folder or one step_NNNNNN folder")
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if ckpt.TAG_RE.match(p.name) and (p / "meta.json").is_file():
@@ -58,7 +63,8 @@ def export(path, dest, dtype: str | None = None, tag: str | None = None) -> Path
     tag = tag or found
     meta = ckpt.load_meta(root / tag)
     sd = load_state_dict(root, tag, meta)
-    config = AutoConfig.from_pretrained(meta["model_path"])
+    hf_dir = root / tag / "hf"  # checkpoints before it existed: the original model folder
+    config = AutoConfig.from_pretrained(hf_dir if (hf_dir / "config.json").is_file() else meta["model_path"])
     if not meta.get("dense") and meta.get("mod") is not None:
         config = mod_hf_config(config, MoDConfig.from_dict(meta["mod"]))
     with torch.device("meta"):
@@ -79,10 +85,15 @@ def export(path, dest, dtype: str | None = None, tag: str | None = None) -> Path
     model = model.to(getattr(torch, dtype))
     dest = Path(dest)
     model.save_pretrained(dest)
-    try:
-        AutoTokenizer.from_pretrained(meta.get("tokenizer") or meta["model_path"]).save_pretrained(dest)
-    except Exception as e:  # noqa: BLE001
-        print(f"[mod_train] warning: no tokenizer saved ({e})")
+    if (hf_dir / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(hf_dir).save_pretrained(dest)
+    elif meta.get("tokenizer") is None:
+        print("[mod_train] warning: the run had no tokenizer (synthetic data); none saved with the export")
+    else:  # a checkpoint written before hf/ existed: the tokenizer is wherever the run read it
+        try:
+            AutoTokenizer.from_pretrained(meta["tokenizer"]).save_pretrained(dest)
+        except Exception as e:  # noqa: BLE001
+            print(f"[mod_train] warning: no tokenizer saved ({e})")
     (dest / "mod_train_export.json").write_text(
         __import__("json").dumps({"checkpoint": str(root / tag), "step": meta["step"]}, indent=1))
     return dest

@@ -46,3 +46,13 @@ def combine(tc, lm: torch.Tensor, aux: torch.Tensor, kd: torch.Tensor | None) ->
     if kd is not None:
         total = total + tc.kd_weight * kd.to(lm.dtype)
     return total
+
+
+def objective_total(tc, metrics: dict) -> float:
+    """The logged `loss`: the objective's total from the logged terms (loss/lm, loss/kd, loss/aux)."""
+    total = metrics["loss/aux"]
+    if tc.objective in ("lm", "lm+kd"):
+        total += tc.lm_weight * metrics["loss/lm"]
+    if "loss/kd" in metrics:
+        total += tc.kd_weight * metrics["loss/kd"]
+    return total
