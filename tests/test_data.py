@@ -91,7 +91,8 @@ def test_any_window_of_rows_holds_the_shares(tmp_path, tok):
 def test_open_documents_interleave_and_continue_where_they_left_off(tmp_path, tok):
     r = recipe(tmp_path, open_docs=4)
     rows = take(PackedStream(r, tok), 24)
-    pieces = [(n, e, p, o, int((x["doc_ids"] == j).sum())) for x in rows for j, (n, e, p, o) in enumerate(x["docs"])]
+    pieces = [(n, e, p, o, int((x["doc_ids"] == j).sum()))
+              for x in rows for j, (n, e, p, o) in enumerate(x["docs"])]
     long_docs = [(e, p) for n, e, p, o, _ in pieces if n == "long"]
     assert len(set(long_docs[:4])) == 4  # the first four 'long' pieces come from four open documents
     packed = {}
