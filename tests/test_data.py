@@ -72,6 +72,46 @@ def test_realised_token_shares_match_requested(tmp_path, tok):
     assert np.allclose(shares, [0.2, 0.3, 0.5], atol=0.02), shares
 
 
+def per_row_source_tokens(rows, n_sources):
+    return np.stack([np.bincount(x["source_ids"].numpy(), minlength=n_sources) for x in rows])
+
+
+def test_any_window_of_rows_holds_the_shares(tmp_path, tok):
+    # the stated tolerance (docs/data.md): with k sources, any W consecutive rows hold each source's
+    # token share to within (k-1)/W, because a row piece is at most one row long
+    r = recipe(tmp_path)
+    counts = per_row_source_tokens(take(PackedStream(r, tok), 200), 3)
+    weights = np.array(r.normalised_weights())
+    for w in (1, 3, 10, 40, 200):
+        for a in range(0, len(counts) - w + 1):
+            window = counts[a:a + w].sum(0)
+            assert np.abs(window / window.sum() - weights).max() <= 2 / w + 1e-12, (w, a, window)
+
+
+def test_open_documents_interleave_and_continue_where_they_left_off(tmp_path, tok):
+    r = recipe(tmp_path, open_docs=4)
+    rows = take(PackedStream(r, tok), 24)
+    pieces = [(n, e, p, o, int((x["doc_ids"] == j).sum()))
+              for x in rows for j, (n, e, p, o) in enumerate(x["docs"])]
+    long_docs = [(e, p) for n, e, p, o, _ in pieces if n == "long"]
+    assert len(set(long_docs[:4])) == 4  # the first four 'long' pieces come from four open documents
+    packed = {}
+    for n, e, p, o, length in pieces:  # each document's pieces follow on, in stream order
+        assert o == packed.get((n, e, p), 0), (n, e, p, o)
+        packed[(n, e, p)] = o + length
+    assert any(long_docs[k] != long_docs[k + 1] and long_docs[k] in long_docs[k + 2:] for k in range(len(long_docs) - 2))
+
+
+def test_open_docs_1_packs_whole_documents_one_after_another(tmp_path, tok):
+    # the stream before interleaving (kept for recipes that opt out): no document is interrupted
+    r = recipe(tmp_path, open_docs=1)
+    runs = [(n, e, p) for x in take(PackedStream(r, tok), 60) for (n, e, p, _o) in x["docs"]]
+    collapsed = [d for k, d in enumerate(runs) if k == 0 or d != runs[k - 1]]
+    assert len(collapsed) == len(set(collapsed))
+    with pytest.raises(DataError, match=r"open_docs must be an integer >= 1.*got 0"):
+        recipe(tmp_path, open_docs=0)
+
+
 def test_weights_not_summing_to_one_are_normalised_with_notice(tmp_path):
     with pytest.warns(UserWarning, match="normalised"):
         r = recipe(tmp_path, sources=[
@@ -158,6 +198,26 @@ def test_resume_after_n_rows_equals_uninterrupted(tmp_path, tok, n):
     assert len(rest) == 40
     assert all(rows_equal(a, b) for a, b in zip(full[n:], rest))
     assert max(x["docs"][-1][1] for x in full) >= 1  # crossed an epoch boundary
+
+
+def test_resume_with_several_open_documents_is_exact_and_small(tmp_path, tok):
+    r = recipe(tmp_path, open_docs=3)
+    full = take(PackedStream(r, tok), 50)
+    s1 = PackedStream(r, tok)
+    take(s1, 17)
+    state = json.loads(json.dumps(s1.state_dict()))
+    opened = [d for docs in state["open"] for d in docs]
+    assert len(opened) >= 6 and any(offset > 0 for _e, _p, offset, _n, _crc in opened)
+    assert len(json.dumps(state)) < 2000  # positions and offsets, not token ids
+    s2 = PackedStream(r, tok)
+    s2.load_state_dict(state)
+    assert all(rows_equal(a, b) for a, b in zip(full[17:], take(s2, 33)))
+    # an open document that reads back differently (the files changed) is an error, not a silent drift
+    path = r.sources[2].path
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join(line.replace(" river ", " lake ") for line in lines) + "\n")
+    with pytest.raises(DataError, match="source 'long'.*reads back differently"):
+        PackedStream(r, tok).load_state_dict(state)
 
 
 def test_resume_rejects_other_layout(tmp_path, tok):

@@ -118,6 +118,10 @@ class Recipe:
     """Malformed JSON lines are skipped with a warning; above this fraction of a file's lines the build fails."""
     tokenize_batch: int = 16
     """Documents tokenised together per call (per source)."""
+    open_docs: int = 4
+    """Documents open at once per source: each row piece goes to the source furthest below its token share,
+    from its open documents in turn, so any window of rows holds the shares (docs/data.md); 1 = pack each
+    document whole before the next (no interleaving: a long document fills consecutive rows)."""
     path: Optional[str] = None
     """The YAML file this recipe came from (set by load_recipe)."""
 
@@ -286,6 +290,9 @@ def validate(recipe: Recipe, base: Path | None = None) -> None:
                             "domain must be a source no training mixture contains")
         if s.type not in SOURCE_TYPES or (s.type != "hub" and not s.path):
             raise DataError(f"heldout.unseen source '{s.name}': needs a type of {SOURCE_TYPES} and a path")
+    if type(recipe.open_docs) is not int or recipe.open_docs < 1:
+        raise DataError(f"open_docs must be an integer >= 1 (documents open per source; 1 = no interleaving), "
+                        f"got {recipe.open_docs!r}")
     if not 0 <= recipe.max_bad_fraction <= 1:
         raise DataError(f"max_bad_fraction must be in [0, 1], got {recipe.max_bad_fraction}")
     total = sum(s.weight for s in recipe.sources)

@@ -8,20 +8,30 @@ Pipeline (per data-parallel rank, everything deterministic for the recipe's seed
       -> split filter (held-out documents chosen by a seeded hash of the whole document)
       -> tokenise in batches (Rust tokenizer, encode_batch_fast) + EOS, truncate, min-length,
          short-document keep-probability (counter-based hash, no RNG state)
-      -> interleave by token share: the next document comes from the source furthest below its
-         share (argmin tokens_s / weight_s), so realised shares track requested ones to within one
-         document at every point of the stream
-      -> pack: documents are concatenated and cut into full rows of seq_len (no padding); a document
-         cut at a row end continues at the start of the next row as a new segment. Every segment gets
-         position ids from 0, its own doc id, and label -100 at its first token.
+      -> interleave and pack: each source keeps `recipe.open_docs` documents open. A row is filled
+         piece by piece; each piece goes to the source furthest below its token share (argmin
+         packed_tokens_s / weight_s) and takes, from that source's open documents in turn, as many
+         consecutive tokens as the document has left or the row has room for (no padding). A
+         document cut at a row end continues where it left off in a later row, as a new segment.
+         Every segment gets position ids from 0, its own doc id, and label -100 at its first token.
+
+Why pieces and not whole documents: a short run must see the mixture. Packing whole documents one
+after another (open_docs = 1, the stream before interleaving, kept exactly) lets one 35k-token book
+fill the first 70 rows of 512 tokens. With pieces at most seq_len long, the greedy choice keeps every
+source's packed tokens within [-(k-2+w_s), 1-w_s] * seq_len of its share w_s of all packed tokens
+(k = sources with documents left), so ANY window of W consecutive rows holds each source's share to
+within (k-1)/W (docs/data.md; tests/test_data.py checks it). Open documents per source rotate, so a
+short run also sees several documents of each source instead of the first one.
 
 Resume design (chosen over pre-built packed shards): all randomness is a pure function of
 (seed, stage, source, epoch, position), so the whole state is small: per source the cursor
-(epoch, next raw position) and the tokens/documents taken so far, the rows emitted, and the
-unfinished document being packed (its remaining token ids). `load_state_dict` restores that, and each
-source restarts by skipping raw records block-wise without parsing or tokenising them (text
-sources skip whole files without opening them, parquet sources skip whole files by metadata), then
-re-tokenises at most one tokenisation batch. The next row is identical to the uninterrupted stream's.
+(epoch, next raw position) and the tokens/documents taken so far, the rows emitted, and per open
+document its (epoch, position, tokens already packed, length, checksum) -- not its token ids.
+`load_state_dict` restores that: the open documents are re-read by position and re-tokenised (checked
+against length and checksum), and each source restarts by skipping raw records block-wise without
+parsing or tokenising them (text sources skip whole files without opening them, parquet sources skip
+whole files by metadata), then re-tokenises at most one tokenisation batch. The next row is identical
+to the uninterrupted stream's.
 Pre-built shards would also resume exactly, but need a build step and disk per (recipe, seq_len, world
 size); the stream needs neither and still resumes in well under a second per source on local files
 (docs/data.md has the figures).
@@ -36,7 +46,9 @@ import json
 import math
 import os
 import warnings
+import zlib
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import numpy as np
@@ -47,7 +59,7 @@ from mod_train.data.sources import BadRecord, RawSource, parse, stable_hash, uni
 
 TENSOR_KEYS = ("input_ids", "position_ids", "doc_ids", "labels", "source_ids")
 IGNORE_INDEX = -100
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: open documents by position (1 held the pending document's token ids)
 _TOKENIZE_CHARS = 1 << 20  # a tokenisation batch stops at this many characters (bounds resume work)
 MODEL_TOKENIZER = "model"  # recipe `tokenizer:` value: the training model's own tokenizer
 
@@ -213,6 +225,24 @@ class _Reader:
             yield epoch, p, title, np.asarray(ids, dtype=np.int64)
 
 
+@dataclass
+class _OpenDoc:
+    """A document being packed: where it came from, its token ids, and how many are already in rows."""
+
+    epoch: int
+    pos: int
+    ids: np.ndarray
+    offset: int = 0
+
+    def left(self) -> int:
+        return len(self.ids) - self.offset
+
+
+def _checksum(ids: np.ndarray) -> int:
+    """Guards a resume: an open document re-read from its position must be the one that was saved."""
+    return zlib.crc32(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+
+
 class PackedStream:
     """Iterator of packed rows for one data-parallel rank (see the module docstring).
 
@@ -268,18 +298,19 @@ class PackedStream:
         self._bad = _BadLines(recipe)
         self._readers = [_Reader(self, i) for i in range(len(recipe.sources))]
         self.rows = 0
-        self.tokens = [0] * len(recipe.sources)  # tokens scheduled per source (the share accounting)
-        self.docs = [0] * len(recipe.sources)
-        self._pending = None  # (source index, epoch, pos, remaining ids, offset already emitted)
+        self.tokens = [0] * len(recipe.sources)  # tokens packed into rows per source (the share accounting)
+        self.docs = [0] * len(recipe.sources)  # documents opened per source
+        self.open_docs = recipe.open_docs
+        self._open: list[list[_OpenDoc]] = [[] for _ in recipe.sources]  # in turn order, front = next
         self._warned_done: set[int] = set()
         self._finished = False
-        self.doc_log: Optional[list] = None  # set to [] to record (source index, tokens) per scheduled document
+        self.doc_log: Optional[list] = None  # set to [] to record (source index, tokens) per opened document
 
     # -- identity ----------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         r = self.recipe
         key = [r.seed, r.append_eos, r.eos_token, r.tokenizer, self.split, self.stage, self.seq_len,
-               self.dp_rank, self.dp_world_size, r.heldout.fraction, sorted(r.heldout.titles)]
+               self.dp_rank, self.dp_world_size, r.heldout.fraction, sorted(r.heldout.titles), r.open_docs]
         for s in r.sources:
             key.append([s.name, s.type, s.path, s.hub_id, s.text_field, round(s.weight, 9), s.min_doc_tokens,
                         s.max_doc_tokens, s.short_doc_tokens, s.short_keep_prob, s.repeat, s.shuffle_block])
@@ -294,25 +325,56 @@ class PackedStream:
             raise TypeError("unbounded stream (no token budget)")
         return self.max_rows
 
-    def _next_doc(self):
-        while True:
-            active = [i for i, r in enumerate(self._readers) if not r.done]
-            if not active:
-                return None
-            i = min(active, key=lambda k: (self.tokens[k] / self.weights[k], k))
-            doc = self._readers[i].next()
+    def _pick_source(self) -> Optional[int]:
+        """The source of the next row piece: the one furthest below its token share among those with
+        documents left (ties: the first). With open_docs == 1 the source of the unfinished document
+        comes first, so each document is packed whole before the next (the pre-interleaving stream)."""
+        if self.open_docs == 1:
+            held = [i for i, docs in enumerate(self._open) if docs]
+            if held:
+                return held[0]
+        live = [i for i, r in enumerate(self._readers) if self._open[i] or not r.done]
+        if not live:
+            return None
+        return min(live, key=lambda k: (self.tokens[k] / self.weights[k], k))
+
+    def _fill(self, i: int) -> bool:
+        """Open documents of source i up to open_docs; False (with a warning) once it has none left."""
+        docs, reader = self._open[i], self._readers[i]
+        while len(docs) < self.open_docs:
+            doc = reader.next()
             if doc is None:
-                if i not in self._warned_done and len(active) > 1 and self.split == "train":
-                    warnings.warn(f"source '{self.source_names[i]}' is exhausted (repeat={self.recipe.sources[i].repeat}); "
-                                  "the remaining sources share its weight", stacklevel=3)
-                self._warned_done.add(i)
-                continue
+                break
             epoch, pos, _title, ids = doc
-            self.tokens[i] += len(ids)
+            docs.append(_OpenDoc(epoch, pos, ids))
             self.docs[i] += 1
             if self.doc_log is not None:
                 self.doc_log.append((i, len(ids)))
-            return i, epoch, pos, ids, 0
+        if docs:
+            return True
+        others = any(self._open[k] or not r.done for k, r in enumerate(self._readers) if k != i)
+        if i not in self._warned_done and others and self.split == "train":
+            warnings.warn(f"source '{self.source_names[i]}' is exhausted (repeat={self.recipe.sources[i].repeat}); "
+                          "the remaining sources share its weight", stacklevel=4)
+        self._warned_done.add(i)
+        return False
+
+    def _next_doc(self) -> Optional[tuple[int, _OpenDoc]]:
+        """-> (source index, the open document whose turn it is), or None when every source is exhausted."""
+        while True:
+            i = self._pick_source()
+            if i is None:
+                return None
+            if self._fill(i):
+                return i, self._open[i][0]
+
+    def _packed(self, i: int, n: int) -> None:
+        """Account n tokens of source i's current document; an unfinished document waits for its next turn."""
+        doc = self._open[i].pop(0)
+        doc.offset += n
+        self.tokens[i] += n
+        if doc.left():
+            self._open[i].append(doc)
 
     def __next__(self) -> dict:
         if self._finished or (self.max_rows is not None and self.rows >= self.max_rows):
@@ -326,21 +388,20 @@ class PackedStream:
         segs = []
         fill, d = 0, 0
         while fill < S:
-            if self._pending is None:
-                self._pending = self._next_doc()
-                if self._pending is None:
-                    break
-            i, epoch, p, toks, off = self._pending
-            n = min(len(toks), S - fill)
-            ids[fill:fill + n] = toks[:n]
+            nxt = self._next_doc()
+            if nxt is None:
+                break
+            i, od = nxt
+            n = min(od.left(), S - fill)
+            ids[fill:fill + n] = od.ids[od.offset:od.offset + n]
             pos[fill:fill + n] = np.arange(n)
             doc[fill:fill + n] = d
             src[fill:fill + n] = i
             starts.append(fill)
-            segs.append((self.source_names[i], epoch, p, off))
+            segs.append((self.source_names[i], od.epoch, od.pos, od.offset))
+            self._packed(i, n)
             fill += n
             d += 1
-            self._pending = None if n == len(toks) else (i, epoch, p, toks[n:], off + n)
         if fill < S:
             self._finished = True
             if fill == 0 or self.drop_last:
@@ -361,33 +422,58 @@ class PackedStream:
 
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Small, JSON-serialisable state; the next row after load_state_dict equals this stream's next row."""
-        pend = None
-        if self._pending is not None:
-            i, epoch, p, toks, off = self._pending
-            pend = {"source": i, "epoch": epoch, "pos": p, "ids": toks.tolist(), "offset": off}
+        """Small, JSON-serialisable state; the next row after load_state_dict equals this stream's next row.
+        Open documents are kept as [epoch, position, tokens packed, length, checksum], not token ids."""
+        open_ = [[[d.epoch, d.pos, d.offset, len(d.ids), _checksum(d.ids)] for d in docs] for docs in self._open]
         return {"version": _STATE_VERSION, "fingerprint": self.fingerprint(), "rows": self.rows,
                 "tokens": list(self.tokens), "docs": list(self.docs), "finished": self._finished,
-                "readers": [r.state() for r in self._readers], "pending": pend,
+                "readers": [r.state() for r in self._readers], "open": open_,
                 "bad": {"seen": dict(self._bad.seen), "bad": dict(self._bad.bad)}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise DataError(f"data state version {state.get('version')} != {_STATE_VERSION}")
+            raise DataError(f"data state version {state.get('version')} cannot resume this stream (version "
+                            f"{_STATE_VERSION}): it was saved by another mod_train; resume with that version, or "
+                            "start the data stream afresh (drop the checkpoint's 'data' entry)")
         if state["fingerprint"] != self.fingerprint():
-            raise DataError("data state was saved for a different recipe, stage, seq_len, split or data-parallel "
-                            "layout; it cannot resume this stream exactly")
+            raise DataError("data state was saved for a different recipe, stage, seq_len, split, open_docs or "
+                            "data-parallel layout; it cannot resume this stream exactly")
         self.rows = int(state["rows"])
         self.tokens = [int(t) for t in state["tokens"]]
         self.docs = [int(t) for t in state["docs"]]
         self._finished = bool(state.get("finished", False))
         for r, st in zip(self._readers, state["readers"]):
             r.load(st)
-        p = state["pending"]
-        self._pending = None if p is None else (int(p["source"]), int(p["epoch"]), int(p["pos"]),
-                                                np.asarray(p["ids"], dtype=np.int64), int(p["offset"]))
+        self._open = [self._reopen(i, saved) for i, saved in enumerate(state["open"])]
         self._bad.seen.update(state.get("bad", {}).get("seen", {}))
         self._bad.bad.update(state.get("bad", {}).get("bad", {}))
+
+    def _reopen(self, i: int, saved: list) -> list[_OpenDoc]:
+        """Source i's open documents, re-read from their (epoch, position) and re-tokenised: only these
+        records are parsed, so resuming costs about one tokenisation of open_docs documents per source."""
+        reader = self._readers[i]
+        found: dict[tuple[int, int], np.ndarray] = {}
+        for epoch in sorted({int(e) for e, *_ in saved}):
+            need = {int(p) for e, p, *_ in saved if int(e) == epoch}
+            batch = []
+            for p, entry in reader.raw.iter_epoch(epoch, min(need)):
+                if p in need:
+                    try:
+                        batch.append((p, *parse(entry, reader.src)))
+                    except BadRecord:
+                        continue  # reported as changed below
+                    if len(batch) == len(need):
+                        break
+            found.update(((e, p), ids) for e, p, _title, ids in reader._tokenize(epoch, batch))
+        docs = []
+        for epoch, p, offset, n, crc in saved:
+            ids = found.get((int(epoch), int(p)))
+            if ids is None or len(ids) != n or _checksum(ids) != crc:
+                raise DataError(f"source '{self.source_names[i]}': the document at epoch {epoch}, position {p} was "
+                                "being packed when the state was saved but reads back differently: the source's "
+                                "files changed; resume with the original files or start the data stream afresh")
+            docs.append(_OpenDoc(int(epoch), int(p), ids, int(offset)))
+        return docs
 
     # -- reporting -----------------------------------------------------------------------------------
     def realised_shares(self) -> dict[str, float]:
