@@ -61,10 +61,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kd_zero3_two_ranks_match_one_process(tiny, tmp_path):
+@pytest.mark.parametrize("stage", [1, 3])
+def test_kd_two_ranks_match_one_process(stage, tiny, tmp_path):
+    """ZeRO-3: the frozen teacher is partitioned like the student; ZeRO-1: a plain replicated copy."""
     train = {"objective": "lm+kd", "kd_weight": 2.0, "max_steps": 3}
     run_ranks(train_worker, 1, tiny, tmp_path / "ref", STAGE0, {**train, "grad_accum": 2})
-    run_ranks(train_worker, 2, tiny, tmp_path / "z3", "ds_configs/zero3.json", train)
+    run_ranks(train_worker, 2, tiny, tmp_path / "z3", f"ds_configs/zero{stage}.json", train)
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "z3")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:

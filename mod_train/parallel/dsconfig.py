@@ -143,5 +143,7 @@ def for_inference(ds: dict) -> dict:
     d.pop("optimizer", None)
     d.pop("scheduler", None)
     d.pop("zero_force_ds_cpu_optimizer", None)
+    if zero_stage(d) < 3:  # ZeRO-1/2 shard optimizer state only, and DeepSpeed refuses them without an optimizer
+        d["zero_optimization"] = {"stage": 0}
     d.get("zero_optimization", {}).pop("offload_optimizer", None)
     return d

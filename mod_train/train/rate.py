@@ -123,8 +123,11 @@ def _mean_over_ranks(xs: list[float]) -> list[float]:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(xs)
+    from mod_train.train.step import comm_device
     t = torch.tensor(xs, dtype=torch.float64)
     finite = torch.isfinite(t)
     t[~finite] = 0.0
+    t = t.to(comm_device())
     dist.all_reduce(t)
+    t = t.cpu()
     return [v / dist.get_world_size() if f else math.inf for v, f in zip(t.tolist(), finite.tolist())]

@@ -58,8 +58,11 @@ class StepSums:
             per_layer[j], per_layer[L + j], per_layer[2 * L + j] = r, g, c
         vec = torch.cat([torch.stack([self.lm, self.aux]).double(), torch.tensor([float(self.n_loss)],
                          dtype=torch.float64), per_layer, self.src_loss, self.src_cnt, self.kd.double().reshape(1)])
+        dev = comm_device()
+        vec = vec.to(dev)
         dist.all_reduce(vec)
-        sl = torch.tensor([self.seq_len], dtype=torch.long)
+        vec = vec.cpu()
+        sl = torch.tensor([self.seq_len], dtype=torch.long, device=dev)
         dist.all_reduce(sl, op=dist.ReduceOp.MAX)
         self.seq_len = int(sl.item())
         n = max(vec[2].item(), 1.0)
@@ -79,6 +82,14 @@ class StepSums:
             if sc[s] > 0:
                 m[f"loss/source_{names[s] if s < len(names) else s}"] = (sl_[s] / sc[s]).item()
         return m
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the GPU under NCCL, else the CPU (gloo)."""
+    import torch.distributed as dist
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def plain_step(engine, stream, tc, n_layers: int, accepts_doc_ids: bool, per_source: bool,
