@@ -185,7 +185,9 @@ class MoDConfig:
 
 
 def _bad(cls: str, name: str, value, fix: str) -> ConfigError:
-    return ConfigError(f"{cls}.{name}={value!r}: {fix}")
+    """One line naming the field as the command line spells it (train.x for TrainConfig), its value, the fix."""
+    where = {"TrainConfig": "train"}.get(cls, cls)
+    return ConfigError(f"{where}.{name} = {value!r}: {fix}")
 
 
 @dataclass
@@ -321,6 +323,9 @@ class EvalConfig:
     """Truncate each evaluated document to this many tokens (None: whole documents)."""
     unseen: bool = True
     """Also evaluate on the recipe's unseen-domain sources (heldout.unseen): perplexity, rates and KV there."""
+    pruning_baseline: bool = True
+    """Also evaluate static depth pruning at the MoD model's realised compute (its lowest-influence layers
+    deleted, n_routed * (1 - rate) of them): the baseline a MoD model must beat."""
     targets: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125])
     """Target execution rates of the post-hoc calibration sweep (threshold routing)."""
     sweep_length: Optional[int] = None
@@ -341,12 +346,13 @@ class EvalConfig:
             raise _bad("EvalConfig", name, getattr(self, name), fix)
         _check_choices(self)
         if not self.lengths or any(n < 2 for n in self.lengths):
-            bad("lengths", "give context lengths of at least 2 tokens, e.g. [512, 2048]")
+            bad("lengths", "give context lengths of at least 2 tokens, e.g. --lengths [512,2048]")
         if any(not 0 < t <= 1 for t in self.targets):
             bad("targets", "target execution rates lie in (0, 1], e.g. [1.0, 0.5, 0.25]")
         for name in ("max_docs", "max_tokens", "sweep_length", "prefill_tokens", "calib_docs", "calib_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 (or null where allowed)")
+        self.check_models()
 
     def check_models(self) -> None:
         """Cheap checks of the model locations before any model is loaded (a missing local folder is named as

@@ -32,7 +32,7 @@ def test_overrides_types_and_did_you_mean():
         cli.parse(RunConfig, base + ["--train.grad_checkpointing", "maybe"])
     with pytest.raises(ConfigError, match="'threshold', 'topk'"):
         cli.parse(RunConfig, base + ["--mod.routing", "topkk"])
-    with pytest.raises(ConfigError, match="TrainConfig.log_every=0"):
+    with pytest.raises(ConfigError, match="train.log_every = 0"):
         cli.parse(RunConfig, base + ["--train.log_every", "0"])
 
 

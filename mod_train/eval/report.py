@@ -60,11 +60,10 @@ def _fmt_bytes(b: float) -> str:
 
 def run_eval(cfg: EvalConfig) -> dict:
     from mod_train.data import load_recipe, load_tokenizer
-    cfg.validate()
     if cfg.dense is None:
         from mod_train.offline import resolve_model
         cfg.dense = resolve_model("smollm2")
-    cfg.check_models()
+    cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -103,8 +102,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     pre_ids = torch.tensor(ids[0][:P])[None]
     res["prefill"] = {"dense": M.prefill(dense, pre_ids, repeats=2), "mod": M.prefill(mod, pre_ids, repeats=2)}
     # -- the same on text from domains the training mixture never contains --
+    unseen_ids = None
     if cfg.unseen and recipe.heldout.unseen:
-        res.update(_unseen(cfg, recipe, tok, dense, mod, lengths))
+        unseen, unseen_ids = _unseen(cfg, recipe, tok, dense, mod, lengths)
+        res.update(unseen)
+    if cfg.pruning_baseline:
+        _pruning_baseline(cfg, res, dense, mod, lengths, ids, unseen_ids, cal_docs)
     # -- quality against KV memory over calibrated target rates --
     sweep = []
     SL = cfg.sweep_length or lengths[0]
@@ -173,7 +176,33 @@ def _unseen(cfg: EvalConfig, recipe, tok, dense, mod, lengths) -> dict:
     longest = max(range(len(ids)), key=lambda k: len(ids[k]))
     pre = torch.tensor(ids[longest][:min(cfg.prefill_tokens or lengths[-1], len(ids[longest]))])[None]
     out["prefill_unseen"] = {"dense": M.prefill(dense, pre), "mod": M.prefill(mod, pre)}
-    return out
+    return out, ids
+
+
+def _pruning_baseline(cfg: EvalConfig, res: dict, dense, mod, lengths, ids, unseen_ids, cal_docs) -> None:
+    """Static depth pruning at matched compute, evaluated on the same text: delete the dense model's layers of
+    lowest block influence (measured on the calibration documents), as many as the MoD model skips
+    (n_routed * (1 - realised rate), the rate on unseen text when there is some, at the longest length)."""
+    import copy
+
+    from mod_train.mod.prune import block_influence, lowest_influence, matched_layers, prune_layers
+    key = "ppl_unseen" if unseen_ids else "ppl"
+    rate = res[key][str(lengths[-1])]["mod"]["rate"]
+    n = matched_layers(len(mod.routed_layers), rate)
+    mc = mod.mod_config
+    bi = block_influence(dense, calibration_batches(cal_docs, min(lengths[-1], cfg.calib_tokens)))
+    drop = lowest_influence(bi, n, keep_first=mc.dense_first, keep_last=mc.dense_last)
+    pruned = prune_layers(copy.deepcopy(dense), drop).eval()
+    res["pruning"] = {"layers_deleted": drop, "count": n, "matched_rate": rate, "matched_on": key,
+                      "kv_fraction": pruned.config.num_hidden_layers / dense.config.num_hidden_layers}
+    for name, docs in (("ppl", ids), ("ppl_unseen", unseen_ids)):
+        if not docs:
+            continue
+        for L in lengths:
+            with _bar(cfg, sum(len(x) for x in docs), f"pruned ppl @{L}") as bar:
+                r = M.perplexity(pruned, docs, L, None, bar)
+            res[name][str(L)]["pruned"] = {"ppl": r.ppl, "loss": r.loss, "tokens": r.tokens, "windows": r.windows}
+    del pruned
 
 
 def mod_calibrate(model, batches, target: float) -> dict:
@@ -189,13 +218,19 @@ def mod_calibrate(model, batches, target: float) -> dict:
 
 def ppl_table(res: dict, key: str = "ppl") -> list[str]:
     """Markdown rows of the dense-vs-MoD perplexity table of a run_eval result (also the main job's);
-    key 'ppl_unseen' for the unseen-domain documents."""
-    L = ["| context | dense ppl | MoD ppl | MoD / dense | MoD execution rate | windows | predicted tokens |",
-         "|---:|---:|---:|---:|---:|---:|---:|"]
+    key 'ppl_unseen' for the unseen-domain documents. With the static-pruning baseline, its columns too."""
+    pruned = "pruned" in next(iter(res[key].values()))
+    head = ["context", "dense ppl", "MoD ppl", "MoD / dense", "MoD execution rate"]
+    if pruned:
+        head += [f"static pruning ppl ({res['pruning']['count']} layers deleted)", "pruned / dense"]
+    L = ["| " + " | ".join(head + ["windows", "predicted tokens"]) + " |", "|" + "---:|" * (len(head) + 2)]
     for n in sorted(int(k) for k in res[key]):
         r = res[key][str(n)]
-        L.append(f"| {n} | {r['dense']['ppl']:.3f} | {r['mod']['ppl']:.3f} | {r['mod']['ppl'] / r['dense']['ppl']:.3f} "
-                 f"| {r['mod']['rate']:.3f} | {r['dense']['windows']} | {r['dense']['tokens']} |")
+        d = r["dense"]["ppl"]
+        cells = [n, f"{d:.3f}", f"{r['mod']['ppl']:.3f}", f"{r['mod']['ppl'] / d:.3f}", f"{r['mod']['rate']:.3f}"]
+        if pruned:
+            cells += [f"{r['pruned']['ppl']:.3f}", f"{r['pruned']['ppl'] / d:.3f}"]
+        L.append("| " + " | ".join(map(str, cells + [r["dense"]["windows"], r["dense"]["tokens"]])) + " |")
     return L
 
 
