@@ -162,3 +162,38 @@ def test_launch_eval_untrained_conversion(tiny_setup, tmp_path, capsys):
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     assert res["ppl"]["64"]["dense"]["ppl"] == pytest.approx(perplexity(dense, [ids], 64).ppl, rel=1e-6)
     _check_png(out / "rate_per_layer.png")
+
+
+def test_unseen_domain_and_pruning_baseline_in_the_report(tiny_setup, tmp_path):
+    """heldout.unseen: whole evaluation-only sources (never in the training stream) reported apart, with rates
+    measured on them; static depth pruning at the MoD model's realised compute evaluated on the same text."""
+    import json as _json
+    from mod_train import MoDConfig, modify
+    from mod_train.data import PackedStream, heldout_documents, load_recipe
+    from mod_train.eval import EvalConfig, run_eval
+    from transformers import AutoModelForCausalLM
+    d, dense_dir, recipe = tiny_setup
+    other = _docs(3, 200, 300, 7)
+    with open(tmp_path / "other.jsonl", "w") as f:
+        for i, t in enumerate(other):
+            f.write(_json.dumps({"title": f"other{i}", "text": "zz " + t}) + "\n")
+    rec_path = tmp_path / "recipe.yaml"
+    rec_path.write_text(open(recipe).read() + f"  unseen:\n    - name: other\n      type: jsonl\n"
+                        f"      path: {tmp_path / 'other.jsonl'}\n")
+    rec = load_recipe(rec_path)
+    unseen = heldout_documents(rec, domain="unseen")
+    assert [t for t, _, _ in unseen] == ["other0", "other1", "other2"] and {s for _, s, _ in unseen} == {"other"}
+    assert all(s == "books" for _, s, _ in heldout_documents(rec))
+    stream = PackedStream(rec, split="train", seq_len=64, max_rows=30, drop_last=False)
+    assert all(row["sources"] == ["books"] for row in stream)  # the training stream never reads them
+    mod = randomize_routers(modify(AutoModelForCausalLM.from_pretrained(dense_dir), MoDConfig(layers="all")), std=3.0)
+    mod.save_pretrained(tmp_path / "mod")
+    res = run_eval(EvalConfig(dense=dense_dir, mod=str(tmp_path / "mod"), recipe=str(rec_path), out=str(tmp_path / "r"),
+                              lengths=[32, 64], max_docs=2, targets=[], calib_docs=2, calib_tokens=64, progress=False))
+    for key in ("ppl", "ppl_unseen"):
+        for L in ("32", "64"):
+            assert res[key][L]["dense"]["ppl"] > 1 and res[key][L]["pruned"]["ppl"] > 1
+    rate = res["ppl_unseen"]["64"]["mod"]["rate"]
+    assert res["pruning"]["count"] == round(len(mod.routed_layers) * (1 - rate)) and 0 < rate < 1
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "## Perplexity on unseen domains (other" in report and "static pruning ppl" in report

@@ -84,19 +84,7 @@ def run_eval(cfg: EvalConfig) -> dict:
            "calibration_docs": [{"title": d.title, "source": d.source, "tokens": len(d.ids)} for d in cal_docs],
            "ppl": {}, "routing": {}}
     # -- perplexity and routing at each context length --
-    stats_by_len = {}
-    for L in lengths:
-        row = {}
-        for name, model in (("dense", dense), ("mod", mod)):
-            st = M.RoutingStats() if name == "mod" else None
-            with _bar(cfg, n_tok, f"{name} ppl @{L}") as bar:
-                r = M.perplexity(model, ids, L, st, bar)
-            row[name] = {"ppl": r.ppl, "loss": r.loss, "tokens": r.tokens, "windows": r.windows}
-            if st is not None:
-                stats_by_len[L] = st
-                row["mod"]["rate"] = st.mean_rate()
-                res["routing"][str(L)] = st.to_dict()
-        res["ppl"][str(L)] = row
+    res["ppl"], res["routing"], stats_by_len = _ppl_rows(cfg, dense, mod, ids, lengths, "")
     # -- one prefill: KV bytes and time --
     P = min(cfg.prefill_tokens or lengths[-1], len(ids[0]))
     pre_ids = torch.tensor(ids[0][:P])[None]
@@ -154,25 +142,34 @@ def run_eval(cfg: EvalConfig) -> dict:
     return res
 
 
+def _ppl_rows(cfg: EvalConfig, dense, mod, ids, lengths, label: str) -> tuple[dict, dict, dict]:
+    """Perplexity of both models at each context length on `ids`, with the MoD model's routing statistics:
+    ({length: {dense, mod}}, {length: per-layer routing}, {length: RoutingStats})."""
+    ppl, routing, stats = {}, {}, {}
+    n_tok = sum(len(x) for x in ids)
+    for L in lengths:
+        row = {}
+        for name, model in (("dense", dense), ("mod", mod)):
+            st = M.RoutingStats() if name == "mod" else None
+            with _bar(cfg, n_tok, f"{name} {label}ppl @{L}") as bar:
+                r = M.perplexity(model, ids, L, st, bar)
+            row[name] = {"ppl": r.ppl, "loss": r.loss, "tokens": r.tokens, "windows": r.windows}
+            if st is not None:
+                stats[L] = st
+                row["mod"]["rate"] = st.mean_rate()
+                routing[str(L)] = st.to_dict()
+        ppl[str(L)] = row
+    return ppl, routing, stats
+
+
 def _unseen(cfg: EvalConfig, recipe, tok, dense, mod, lengths) -> dict:
     """Perplexity, realised rates and one prefill's KV bytes on the recipe's unseen-domain documents (rates do
     not carry over from the training text: they are measured on this text)."""
     docs, _ = load_eval_docs(recipe, tok, cfg.max_docs, 0, cfg.max_tokens, domain="unseen")
     ids = [d.ids for d in docs]
-    n_tok = sum(len(x) for x in ids)
     out = {"docs_unseen": [{"title": d.title, "source": d.source, "tokens": len(d.ids), "full_tokens": d.full_tokens}
-                           for d in docs], "ppl_unseen": {}, "routing_unseen": {}}
-    for L in lengths:
-        row = {}
-        for name, model in (("dense", dense), ("mod", mod)):
-            st = M.RoutingStats() if name == "mod" else None
-            with _bar(cfg, n_tok, f"{name} unseen ppl @{L}") as bar:
-                r = M.perplexity(model, ids, L, st, bar)
-            row[name] = {"ppl": r.ppl, "loss": r.loss, "tokens": r.tokens, "windows": r.windows}
-            if st is not None:
-                row["mod"]["rate"] = st.mean_rate()
-                out["routing_unseen"][str(L)] = st.to_dict()
-        out["ppl_unseen"][str(L)] = row
+                           for d in docs]}
+    out["ppl_unseen"], out["routing_unseen"], _ = _ppl_rows(cfg, dense, mod, ids, lengths, "unseen ")
     longest = max(range(len(ids)), key=lambda k: len(ids[k]))
     pre = torch.tensor(ids[longest][:min(cfg.prefill_tokens or lengths[-1], len(ids[longest]))])[None]
     out["prefill_unseen"] = {"dense": M.prefill(dense, pre), "mod": M.prefill(mod, pre)}
