@@ -98,3 +98,18 @@ def test_threshold_controller_realises_the_schedule(tiny, tmp_path):
         assert m[s]["routing/rate_mean"] == pytest.approx(want, abs=0.08), (s, m[s]["routing/rate_mean"], want)
     rates = [m[8][f"routing/rate_l{j}"] for j in range(4)]
     assert max(rates) - min(rates) > 0.05, rates
+
+
+def test_global_post_hoc_calibration_keeps_the_allocation():
+    from mod_train import calibrate_thresholds
+    m = modify(tiny_model("llama", layers=4), MoDConfig(layers="all", router_init="zero")).eval()
+    randomize_routers(m, std=2.0)
+    with torch.no_grad():
+        for j, b in zip(m.routed_layers, (-2.0, -0.5, 0.5, 2.0)):
+            m.model.layers[j].router.bias.fill_(b)
+    ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(3))
+    calibrate_thresholds(m, [{"input_ids": ids}], 0.5, scope="global")
+    with torch.no_grad():
+        rates = [float(r["rate"]) for r in m(ids).routing.values()]
+    assert sum(rates) / 4 == pytest.approx(0.5, abs=0.02)
+    assert rates == sorted(rates) and rates[-1] - rates[0] > 0.3, rates  # each layer keeps its own share

@@ -203,14 +203,15 @@ def _pruning_baseline(cfg: EvalConfig, res: dict, dense, mod, lengths, ids, unse
 
 
 def mod_calibrate(model, batches, target: float) -> dict:
-    """calibrate_thresholds, except target 1.0 = every token runs on any text (p at the smallest valid
-    threshold; the calibration text's smallest gate need not bound the evaluated text's gates)."""
+    """calibrate_thresholds in the model's own target_scope (per layer, or one budget over all routed layers),
+    except target 1.0 = every token runs on any text (p at the smallest valid threshold; the calibration text's
+    smallest gate need not bound the evaluated text's gates)."""
     from mod_train import calibrate_thresholds
     if target >= 1.0:
         th = {j: 1e-12 for j in model.routed_layers}
         model.set_mod_config(dataclasses.replace(model.mod_config, layer_thresholds=th))
         return th
-    return calibrate_thresholds(model, batches, target)
+    return calibrate_thresholds(model, batches, target, scope=model.mod_config.target_scope)
 
 
 def ppl_table(res: dict, key: str = "ppl") -> list[str]:

@@ -44,18 +44,24 @@ def _routed_walk(model, batches: Iterable[dict]) -> Iterator[tuple[int, torch.nn
 
 
 @torch.no_grad()
-def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] | None = None) -> dict[int, float]:
-    """Post-hoc calibration: per routed layer, the threshold p_j that makes the layer run `target_rate`
-    of the valid tokens of the held-out `batches` (dicts with input_ids and optional attention_mask).
+def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] | None = None,
+                         scope: str = "layer") -> dict[int, float]:
+    """Post-hoc calibration of the thresholds p_j on held-out `batches` (dicts with input_ids and optional
+    attention_mask), written into the model's MoD config (threshold routing) and returned.
 
-    Layers are calibrated in order in a single pass: layer j's gates are measured on hidden states
-    produced with layers < j already at their calibrated thresholds. Writes `layer_thresholds` into the
-    model's MoD config (threshold routing) and returns it."""
+    scope 'layer': every routed layer runs `target_rate` of the valid tokens. Layers are calibrated in order
+    in a single pass: layer j's gates are measured on hidden states produced with layers < j already at their
+    calibrated thresholds.
+    scope 'global': one compute budget: all thresholds move by one common shift in logit space, so the mean
+    rate over the routed layers is `target_rate` and each layer keeps its own share (the trained allocation of
+    a target_scope='global' model). The shift is found by bisection, each step a pass over the batches."""
     if not (0.0 < target_rate <= 1.0):
         raise ValueError(f"target_rate {target_rate} must lie in (0, 1]")
     cfg = model.mod_config
     if cfg.routing != "threshold":
         raise ValueError("post-hoc calibration applies to threshold routing; for top-k set capacity instead")
+    if scope == "global":
+        return _calibrate_global(model, batches, target_rate)
     thresholds = dict(cfg.layer_thresholds)
     for i, layer, states in _routed_walk(model, batches):
         if layers is not None and i not in layers:
@@ -69,10 +75,41 @@ def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] |
         # the (1 - target) quantile of the logits (not of the gates, which saturate in fp32), as p in
         # float64; selection compares logits, so p this close to 0 or 1 keeps its meaning
         q = rate_quantile(z, target_rate)
-        thresholds[i] = min(max(1.0 / (1.0 + math.exp(-q)), 1e-15), 1 - 1e-15)
+        thresholds[i] = _as_p(q)
         cfg = dataclasses.replace(cfg, layer_thresholds=thresholds)
         model.set_mod_config(cfg)
     return thresholds
+
+
+def _as_p(q: float) -> float:
+    return min(max(1.0 / (1.0 + math.exp(-q)), 1e-15), 1 - 1e-15)
+
+
+def _calibrate_global(model, batches, target_rate: float, iters: int = 12) -> dict[int, float]:
+    """Bisection on one logit shift of every routed layer's threshold until the mean realised rate over the
+    routed layers (routing as set, layers in order) is target_rate on `batches`."""
+    base = model.mod_config
+    theta = {j: logit(base.threshold_for(j)) for j in model.routed_layers}
+
+    def mean_rate(shift: float) -> float:
+        model.set_mod_config(dataclasses.replace(base, layer_thresholds={j: _as_p(t + shift) for j, t in theta.items()}))
+        rates = []
+        with torch.no_grad():
+            for b in batches:
+                out = model(**{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "position_ids")})
+                rates.append(sum(float(r["rate"]) for r in out.routing.values()) / len(out.routing))
+        return sum(rates) / len(rates)
+
+    was_training = model.training
+    model.eval()
+    lo, hi = -20.0, 20.0  # shift: lower runs more tokens
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_rate(mid) > target_rate else (lo, mid)
+    shift = (lo + hi) / 2
+    mean_rate(shift)
+    model.train(was_training)
+    return dict(model.mod_config.layer_thresholds)
 
 
 @torch.no_grad()
