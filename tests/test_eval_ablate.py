@@ -52,16 +52,41 @@ def test_ablation_tiny(tmp_path):
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 1 + 7  # header + one row per variant
     assert "top-k MoD, matched capacity" in table and "whole-block gate" in table and "no aux loss" in table
-    assert "| variant | ppl | realised rate | KV bytes |" in p.stdout
+    assert "| variant | ppl | rate | KV / dense |" in p.stdout
 
 
 def test_ablation_from_probe_start(tmp_path):
-    """--init_rate: each variant starts from routers fitted to the importance probe at that rate."""
+    """--init probe --init_rate: each variant starts from routers fitted to the importance probe at that rate."""
     from mod_train.train.logger import read_metrics
     _, out = _ablate(tmp_path, "--variants", "[threshold_noaux]", "--steps", "1", "--router_lr", "1e-9", "--lr", "1e-9",
-                     "--warmup_steps", "0", "--eval_tokens", "64", "--prefill_tokens", "32", "--init_rate", "0.4")
+                     "--warmup_steps", "0", "--eval_tokens", "64", "--prefill_tokens", "32", "--init", "probe",
+                     "--init_rate", "0.4")
     assert (out / "threshold_noaux" / "init_model" / "config.json").is_file()
     first = read_metrics(out / "threshold_noaux" / "metrics.jsonl")[1]
     assert first["routing/rate_mean"] < 0.8, first  # dense init would run every token (rate 1.0)
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["init_rate"] == 0.4 and 0.1 < res["variants"]["threshold_noaux"]["rate"] < 0.8
+
+
+def test_recovery_variants_and_the_baselines_that_decide(tmp_path):
+    """The recovery recipe (KD, x1 gate, global budget held by the thresholds, start at static pruning) as
+    `threshold`, a one-factor variant from variant_overrides, and the baselines: static depth pruning at the
+    matched compute, untrained and trained on the same tokens with the same objective, and the dense model
+    trained the same. Pruning deletes the layers of lowest block influence, as many as `threshold` skips."""
+    p, out = _ablate(tmp_path, "--variants", "[threshold,lm,pruned,pruned_trained,dense_trained]", "--steps", "2",
+                     "--lr", "1e-3", "--warmup_steps", "0", "--eval_tokens", "64", "--prefill_tokens", "32",
+                     "--init", "allocated", "--init_rate", "0.5", "--target_rate", "0.5",
+                     "--mod_overrides", '{"layers": "all", "gate_form": "ste", "target_scope": "global"}',
+                     "--train_overrides", '{"objective": "kd", "rate_control": "thresholds"}',
+                     "--variant_overrides", '{"lm": {"train": {"objective": "lm"}}}')
+    res = json.loads((out / "results.json").read_text())
+    v = res["variants"]
+    assert list(v) == ["threshold", "lm", "dense_trained", "pruned", "pruned_trained"]
+    assert v["threshold"]["train"]["objective"] == "kd" and v["lm"]["train"]["objective"] == "lm"
+    assert v["threshold"]["final_kd_loss"] is not None and v["lm"]["final_kd_loss"] is None
+    assert v["threshold"]["init"] == "allocated" and v["threshold"]["mod"]["gate_form"] == "ste"
+    n = round(len(v["threshold"]["rates"]) * (1 - v["threshold"]["rate"]))
+    assert len(v["pruned"]["layers_deleted"]) == n == res["pruning"]["count"]
+    assert v["pruned"]["layers"] == 4 - n and not v["pruned"]["trained"] and v["pruned_trained"]["trained"]
+    assert v["pruned_trained"]["final_kd_loss"] is not None and v["dense_trained"]["final_kd_loss"] < 1e-6
+    assert "static depth pruning, matched compute" in (out / "table.md").read_text()

@@ -74,7 +74,9 @@ class RateController:
         if tc.rate_warmup_steps == 0 and tc.rate_control == "loss":
             return None
         cfg = getattr(model, "mod_config", None)
-        if cfg is None or cfg.routing != "threshold" or cfg.target_rate is None:
+        if cfg is None:  # a dense model (a baseline trained the same way): no rate to schedule
+            return None
+        if cfg.routing != "threshold" or cfg.target_rate is None:
             raise ConfigError("TrainConfig.rate_warmup_steps / rate_control='thresholds' schedule "
                               "MoDConfig.target_rate: use threshold routing and set mod.target_rate, e.g. 0.5")
         return cls(model, tc)
