@@ -117,3 +117,46 @@ def test_unknown_task_is_one_line(tiny_tasks):
     with pytest.raises(ConfigError, match=r"unknown task 'mod_chioce' \(did you mean 'mod_choice'\?\)") as e:
         check_tasks(["mod_chioce"], tm)
     assert "\n" not in str(e.value)
+
+
+def _launch_eval():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("eval_cli", Path(__file__).resolve().parents[1] / "launch/eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_launch_eval_field_benchmarks_and_bad_input(tiny_tasks, tmp_path):
+    """launch/eval.py --tasks a,b --passkey --needle --samples writes every new section, with heatmap PNGs; a folder
+    that is no model, a dense folder given as the MoD model and a length beyond the window are one line each."""
+    from mod_train import MoDConfig, modify
+    from mod_train.config import ConfigError
+    from transformers import AutoModelForCausalLM
+    d, model_dir, _, _ = tiny_tasks
+    mod = randomize_routers(modify(AutoModelForCausalLM.from_pretrained(model_dir), MoDConfig(layers="odd")))
+    mod.save_pretrained(tmp_path / "mod")
+    main = _launch_eval()
+    base = ["--dense", model_dir, "--recipe", str(d / "recipe.yaml"), "--out", str(tmp_path / "ev"), "--lengths",
+            "[128]", "--max_docs", "2", "--targets", "[]", "--progress", "false"]
+    main(base + ["--mod", str(tmp_path / "mod"), "--tasks", "mod_choice,mod_lastword", "--task_examples", "4",
+                 "--passkey", "true", "--needle", "true", "--retrieval_lengths", "[512]", "--retrieval_depths",
+                 "[0.5]", "--retrieval_trials", "1", "--samples", "1", "--sample_prompt_tokens", "32",
+                 "--sample_new_tokens", "8"])
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(res["lm_eval"]) == {"mod_choice", "mod_lastword"} and 0 < res["lm_eval"]["mod_choice"]["mod"]["rate"] < 1
+    assert set(res["retrieval"]["results"]) == {"passkey", "kv"} and len(res["samples"]) == 1
+    text = (tmp_path / "ev" / "report.md").read_text()
+    for part in ("## lm-evaluation-harness", "## Long-context retrieval", "## Samples", "retrieval_mod.png"):
+        assert part in text
+    assert (tmp_path / "ev" / "retrieval_dense.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "empty").mkdir()
+    bad = {"not a Hugging Face model directory": ["--mod", str(tmp_path / "empty")],
+           "is not a MoD model": ["--mod", model_dir],
+           r"exceed the window of the dense model \(max_position_embeddings 512\)":
+               ["--mod", str(tmp_path / "mod"), "--passkey", "true", "--retrieval_lengths", "[512,4096]"]}
+    for msg, args in bad.items():
+        with pytest.raises(ConfigError, match=msg) as e:
+            main(base + args)
+        assert "\n" not in str(e.value)

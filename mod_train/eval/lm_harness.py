@@ -94,8 +94,11 @@ def evaluate(model, tokenizer, names: list[str], tm, limit: int | None = None, m
         with RateMeter(model) as meter, torch.no_grad():
             res = simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, bootstrap_iters=0,
                                   log_samples=samples, verbosity="ERROR")
-        out[name] = {"metrics": _metrics(res["results"][name]), "rate": meter.rate,
-                     "examples": int(res["n-samples"][name]["effective"]), "seconds": time.time() - t0}
+        rows = res["results"]  # a group (mmlu, ruler) brings its subtasks' rows, and its own if it aggregates
+        metrics = _metrics(rows[name]) if name in rows else \
+            {f"{t}/{k}": v for t, row in rows.items() for k, v in _metrics(row).items()}
+        out[name] = {"metrics": metrics, "rate": meter.rate, "seconds": time.time() - t0,
+                     "examples": sum(int(n["effective"]) for n in res["n-samples"].values())}
         if samples:
             out[name]["samples"] = res["samples"][name]
     return out
