@@ -392,8 +392,8 @@ class EvalConfig:
 
     def check_models(self) -> None:
         """Cheap checks of the model locations before any model is loaded (a missing local folder is named as
-        such, not as a bad hub id), and a warning for lengths beyond the dense model's max_position_embeddings
-        (perplexity there measures extrapolation)."""
+        such, not as a bad hub id; a local folder must hold an HF config.json, a MoD one for `mod`), and a warning
+        for lengths beyond the dense model's max_position_embeddings (perplexity there measures extrapolation)."""
         import warnings
 
         from mod_train.paths import check_model_location

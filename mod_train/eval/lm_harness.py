@@ -15,6 +15,7 @@ directory (it carries its modeling file, see mod_train/mod/hf_remote.py):
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import time
@@ -77,8 +78,7 @@ class RateMeter:
         return self.executed / self.tokens if self.tokens else None
 
 
-def evaluate(model, tokenizer, names: list[str], tm, limit: int | None = None, max_length: int | None = None,
-             samples: bool = False) -> dict:
+def evaluate(model, tokenizer, names: list[str], tm, limit: int | None = None, samples: bool = False) -> dict:
     """Run lm-eval task by task on an already-loaded model: {task: {"metrics": {metric: value}, "rate": realised
     execution rate or None, "examples": n, "seconds": s}}, plus "samples" (lm-eval's per-example log, with the
     log-likelihoods it scored) when `samples`."""
@@ -86,12 +86,11 @@ def evaluate(model, tokenizer, names: list[str], tm, limit: int | None = None, m
     from lm_eval.models.huggingface import HFLM
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1,
-              max_length=max_length or getattr(model.config, "max_position_embeddings", None))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1)
     out = {}
     for name in names:
         t0 = time.time()
-        with RateMeter(model) as meter, torch.no_grad():
+        with RateMeter(model) as meter, torch.no_grad(), _dataset_errors(name):
             res = simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, bootstrap_iters=0,
                                   log_samples=samples, verbosity="ERROR")
         rows = res["results"]  # a group (mmlu, ruler) brings its subtasks' rows, and its own if it aggregates
@@ -102,6 +101,24 @@ def evaluate(model, tokenizer, names: list[str], tm, limit: int | None = None, m
         if samples:
             out[name]["samples"] = res["samples"][name]
     return out
+
+
+class TaskDataError(ConfigError):
+    """A task's dataset could not be loaded (offline, a hub task cannot download it)."""
+
+
+@contextlib.contextmanager
+def _dataset_errors(name: str):
+    """A hub task without network fails deep inside `datasets`; say so in one line instead."""
+    try:
+        yield
+    except (ConnectionError, OSError) as e:
+        if name in LOCAL_TASKS:
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise TaskDataError(f"EvalConfig.tasks: task {name!r} could not load its dataset ({first}); hub tasks need a "
+                            f"connected machine (docs/evaluation.md); offline, use the local tasks "
+                            f"{', '.join(LOCAL_TASKS)}") from None
 
 
 def _metrics(row: dict) -> dict:

@@ -146,20 +146,16 @@ def _piece_at(text: str, space: int) -> str:
     return text[space:end if end > 0 else len(text)]
 
 
-def _space_after(text: str, pos: int) -> int:
-    return text.find(" ", pos)
-
-
 def _choice(text: str, rng: random.Random) -> dict | None:
     """A passage, its true continuation and N_CHOICES - 1 pieces from other, distant points of the document."""
     ctx_chars = CONTEXT_CHARS["choice"]
-    at = _space_after(text, rng.randrange(ctx_chars, len(text) - 2 * CHOICE_CHARS))
+    at = text.find(" ", rng.randrange(ctx_chars, len(text) - 2 * CHOICE_CHARS))
     if at < 0:
         return None
     true = _piece_at(text, at)
     pieces = []
     for _ in range(20 * N_CHOICES):
-        s = _space_after(text, rng.randrange(0, len(text) - 2 * CHOICE_CHARS))
+        s = text.find(" ", rng.randrange(0, len(text) - 2 * CHOICE_CHARS))
         if s >= 0 and abs(s - at) > 2 * ctx_chars and all(abs(s - t) > 2 * CHOICE_CHARS for t, _ in pieces):
             pieces.append((s, _piece_at(text, s)))
         if len(pieces) == N_CHOICES - 1:

@@ -77,9 +77,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     tasks = _task_manager(cfg, recipe, out) if cfg.tasks else None
     dense, mod = _load(cfg)
     if cfg.passkey or cfg.needle:
-        from mod_train.eval.retrieval import check_lengths
+        from mod_train.eval.retrieval import check_fits, check_lengths
         check_lengths(cfg.retrieval_lengths, dense, "dense model")
         check_lengths(cfg.retrieval_lengths, mod, "MoD model")
+        check_fits(_retrieval_tasks(cfg), tok, cfg.retrieval_lengths, cfg.retrieval_distractors)
     if len(tok) > dense.config.vocab_size:
         raise ValueError(f"the recipe's tokenizer has {len(tok)} tokens, the model {dense.config.vocab_size}")
     lengths = sorted(int(x) for x in cfg.lengths)
@@ -226,11 +227,15 @@ def _retrieval(cfg: EvalConfig, recipe, tok, dense, mod, out: Path) -> dict:
     """Passkey and/or key-value retrieval on both models over the held-out documents as haystack."""
     from mod_train.data import heldout_documents
     from mod_train.eval import retrieval as R
-    tasks = [t for t, on in (("passkey", cfg.passkey), ("kv", cfg.needle)) if on]
+    tasks = _retrieval_tasks(cfg)
     hay = R.haystack_ids(tok, heldout_documents(recipe, max_docs=max(cfg.max_docs or 4, 4)))
     results = R.evaluate({"dense": dense, "mod": mod}, tok, hay, tasks, sorted(cfg.retrieval_lengths),
                          cfg.retrieval_depths, cfg.retrieval_trials, cfg.seed, cfg.retrieval_distractors, cfg.progress)
     return {"results": results, "figures": R.heatmaps(results, out)}
+
+
+def _retrieval_tasks(cfg: EvalConfig) -> list[str]:
+    return [t for t, on in (("passkey", cfg.passkey), ("kv", cfg.needle)) if on]
 
 
 def field_sections(res: dict) -> list[str]:

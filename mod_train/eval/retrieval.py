@@ -74,6 +74,13 @@ def check_lengths(lengths: list[int], model, where: str = "model") -> None:
             f"(max_position_embeddings {window}); use lengths <= {window}")
 
 
+def check_fits(tasks, tok, lengths: list[int], distractors: int = 3) -> None:
+    """Refuse, before any measurement, lengths too short for a probe's fixed text (intro, needles, question) plus
+    MIN_FILLER tokens of haystack: a probe over a one-token haystack raises what the real one would."""
+    for task in tasks:
+        make_probe(task, tok, [0], min(lengths), 0.5, 0, distractors=distractors)
+
+
 def _enc(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False).input_ids
 
