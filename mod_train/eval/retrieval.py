@@ -235,7 +235,7 @@ def heatmaps(res: dict, out_dir) -> dict[str, str]:
             ax.set_yticks(range(len(depths)), depths)
             ax.set_xlabel("length (tokens)")
             ax.set_ylabel("needle depth")
-            ax.set_title(f"{task}: {name}")
+            ax.set_title(f"{task}: {'MoD' if name == 'mod' else name}")
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
