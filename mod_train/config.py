@@ -337,7 +337,7 @@ class EvalConfig:
     """tqdm progress bars."""
     tasks: Union[list[str], str] = field(default_factory=list)
     """lm-evaluation-harness tasks run on both models, a list or 'a,b,c': the local held-out tasks (mod_lastword,
-    mod_choice, mod_lastword_unseen, mod_choice_unseen) or any lm-eval task name (hub tasks need a connected machine)."""
+    mod_choice, mod_lastword_unseen, mod_choice_unseen) or any lm-eval task name (hub tasks need a network)."""
     task_examples: int = 100
     """Examples generated per local task (written with its YAML under <out>/lm_eval_tasks)."""
     task_limit: Optional[int] = None

@@ -254,8 +254,8 @@ def field_sections(res: dict) -> list[str]:
         r = res["retrieval"]
         L.append("\n## Long-context retrieval, dense vs MoD\n")
         L.append("Greedy exact match of the needle's value (passkey: 'The pass key is N'; kv: one key's magic number "
-                 "among distractor keys) hidden at each depth of held-out text; the MoD columns give the routed layers' "
-                 "execution rate at the needle sentence, at its value tokens and over the whole probe.\n")
+                 "among distractor keys) hidden at each depth of held-out text; the MoD columns give the routed "
+                 "layers' execution rate at the needle sentence, at its value tokens and over the whole probe.\n")
         L += table(r["results"])
         L += [""] + [f"![retrieval accuracy, {name}]({f})" for name, f in r["figures"].items()]
     if res.get("samples"):
