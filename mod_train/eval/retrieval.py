@@ -226,7 +226,7 @@ def heatmaps(res: dict, out_dir) -> dict[str, str]:
     models = list(next(iter(res.values())))
     for name in models:
         fig, axes = plt.subplots(1, len(res), figsize=(4.2 * len(res), 3.4), squeeze=False)
-        for ax, (task, by_model) in zip(axes[0], res.items()):
+        for k, (ax, (task, by_model)) in enumerate(zip(axes[0], res.items())):
             lengths = list(by_model[name])
             depths = list(by_model[name][lengths[0]])
             grid = [[by_model[name][L][d]["acc"] for L in lengths] for d in depths]
@@ -234,7 +234,8 @@ def heatmaps(res: dict, out_dir) -> dict[str, str]:
             ax.set_xticks(range(len(lengths)), lengths)
             ax.set_yticks(range(len(depths)), depths)
             ax.set_xlabel("length (tokens)")
-            ax.set_ylabel("needle depth")
+            if k == 0:
+                ax.set_ylabel("needle depth")
             ax.set_title(f"{task}: {'MoD' if name == 'mod' else name}")
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
