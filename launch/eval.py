@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Evaluate a MoD model against its dense model: held-out perplexity at several context lengths, routing
-statistics per layer, KV bytes and prefill time, quality against KV memory over calibrated target rates.
+statistics per layer, KV bytes and prefill time, quality against KV memory over calibrated target rates; on
+request lm-evaluation-harness tasks, passkey / key-value needle retrieval and side-by-side samples.
 Writes <out>/report.md (tables + PNGs) and <out>/results.json (mod_train/eval/report.py).
 
     python launch/eval.py --dense <dense dir> --mod <saved MoD dir> --out runs/eval --lengths [512,2048,8192]
     python launch/eval.py --dense <dense dir> --mod_from_dense true --mod_overrides '{"router_init": "dense"}'
+    python launch/eval.py --mod <dir> --tasks mod_lastword,mod_choice --passkey true --needle true --samples 3
 The default recipe is data_recipes/offline_long_mix.yaml (fetch its corpus with launch/fetch_corpus.py);
---dense defaults to the offline SmolLM2-135M. Settings: mod_train.config.EvalConfig.
+--dense defaults to the offline SmolLM2-135M. Settings: mod_train.config.EvalConfig; docs/evaluation.md.
 """
 from pathlib import Path
 

@@ -340,11 +340,53 @@ class EvalConfig:
     """Model dtype for evaluation."""
     progress: bool = True
     """tqdm progress bars."""
+    tasks: Union[list[str], str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on both models, a list or 'a,b,c': the local held-out tasks (mod_lastword,
+    mod_choice, mod_lastword_unseen, mod_choice_unseen) or any lm-eval task name (hub tasks need a network)."""
+    task_examples: int = 100
+    """Examples generated per local task (written with its YAML under <out>/lm_eval_tasks)."""
+    task_limit: Optional[int] = None
+    """Examples lm-eval evaluates per task (None: all)."""
+    seed: int = 0
+    """Seed of the local tasks' examples and of the retrieval probes (same seed, same files and probes)."""
+    passkey: bool = False
+    """Passkey retrieval, dense vs MoD, at every retrieval length and depth."""
+    needle: bool = False
+    """Key-value needle-in-a-haystack retrieval (one key asked among `retrieval_distractors` others), dense vs MoD."""
+    retrieval_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    """Retrieval probe lengths in tokens (prompt + answer); at most the model's max_position_embeddings."""
+    retrieval_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    """Needle depths in the haystack: 0 = its start, 1 = its end (just before the question)."""
+    retrieval_trials: int = 3
+    """Probes per (length, depth): different haystack offsets and needles."""
+    retrieval_distractors: int = 3
+    """Other keys' needles in each key-value probe."""
+    samples: int = 0
+    """Held-out prompts whose greedy continuations by both models the report shows side by side (0: none)."""
+    sample_prompt_tokens: int = 192
+    """Tokens of each sample prompt (from the middle of a held-out document)."""
+    sample_new_tokens: int = 48
+    """Tokens each model generates per sample prompt."""
+
+    def __post_init__(self):
+        if isinstance(self.tasks, str):  # `--tasks a,b,c` on the command line
+            self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
 
     def validate(self) -> None:
         def bad(name, fix):
             raise _bad("EvalConfig", name, getattr(self, name), fix)
         _check_choices(self)
+        for name in ("task_examples", "task_limit", "retrieval_trials", "sample_prompt_tokens", "sample_new_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, "must be >= 1" + (" (or null: all)" if name == "task_limit" else ""))
+        for name in ("samples", "retrieval_distractors"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0 (0: none)")
+        if (self.passkey or self.needle) and (not self.retrieval_lengths or min(self.retrieval_lengths) < 64):
+            bad("retrieval_lengths", "give probe lengths of at least 64 tokens, e.g. [1024, 2048]")
+        if (self.passkey or self.needle) and (not self.retrieval_depths
+                                              or any(not 0 <= d <= 1 for d in self.retrieval_depths)):
+            bad("retrieval_depths", "needle depths lie in [0, 1], e.g. [0.1, 0.5, 0.9]")
         if not self.lengths or any(n < 2 for n in self.lengths):
             bad("lengths", "give context lengths of at least 2 tokens, e.g. --lengths [512,2048]")
         if any(not 0 < t <= 1 for t in self.targets):
@@ -356,15 +398,17 @@ class EvalConfig:
 
     def check_models(self) -> None:
         """Cheap checks of the model locations before any model is loaded (a missing local folder is named as
-        such, not as a bad hub id), and a warning for lengths beyond the dense model's max_position_embeddings
-        (perplexity there measures extrapolation)."""
+        such, not as a bad hub id; a local folder must hold an HF config.json, a MoD one for `mod`), and a warning
+        for lengths beyond the dense model's max_position_embeddings (perplexity there measures extrapolation)."""
         import warnings
 
         from mod_train.paths import check_model_location
         if self.dense is not None:
             check_model_location(self.dense, "EvalConfig.dense")
+            _check_model_dir(self.dense, "EvalConfig.dense", mod=False)
         if self.mod:
             check_model_location(self.mod, "EvalConfig.mod")
+            _check_model_dir(self.mod, "EvalConfig.mod", mod=True)
         if self.dense is None:
             return
         from transformers import AutoConfig
@@ -375,6 +419,25 @@ class EvalConfig:
                    "perplexity there measures extrapolation beyond the trained context")
             warnings.warn(msg, stacklevel=2)
             print(f"[mod_train] warning: {msg}", flush=True)
+
+
+def _check_model_dir(path: str, name: str, mod: bool) -> None:
+    """A local model folder holds an HF config.json, and a MoD one (model_type 'mod_*') where a MoD model is due.
+    Read as JSON: no Auto class (and no remote code) is involved before the load."""
+    import json
+    import os
+    cfg = os.path.join(os.path.expanduser(path), "config.json")
+    if not os.path.isdir(os.path.expanduser(path)):
+        return  # a hub id
+    try:
+        with open(cfg) as f:
+            model_type = json.load(f).get("model_type", "")
+    except (OSError, ValueError):
+        raise ConfigError(f"{name} = {path!r}: not a Hugging Face model directory (no readable config.json); give "
+                          "a folder written by save_pretrained or launch/export.py") from None
+    if mod and not model_type.startswith("mod_"):
+        raise ConfigError(f"{name} = {path!r}: model_type {model_type!r} is not a MoD model; give a folder exported "
+                          "from a MoD run (launch/export.py), or use --mod_from_dense true to convert a dense model")
 
 
 @dataclass

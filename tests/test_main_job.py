@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_main_job_end_to_end_reduced(tmp_path):
     rng = random.Random(0)
     words = "the of and to in a is that for it as was with be by on not def return class import self".split()
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(150, 300))) for _ in range(10)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(700, 900))) for _ in range(10)]
     model, recipe = make_tiny_books_setup(tmp_path, docs, name="tiny-main")
     args = ["--config", str(ROOT / "launch/main_cpu.yaml"), "--model", str(model), "--recipe", str(recipe),
             "--out", str(tmp_path / "run"), "--train.max_steps", "2", "--train.seq_len", "64",
@@ -23,7 +23,11 @@ def test_main_job_end_to_end_reduced(tmp_path):
             "--mod.dense_first", "0", "--mod.dense_last", "0",  # the tiny model has 4 layers
             "--eval.lengths", "[32,64]", "--eval.max_docs", "2", "--eval.max_tokens", "128",
             "--eval.targets", "[1.0,0.5]", "--eval.calib_docs", "2", "--eval.calib_tokens", "64",
-            "--eval.progress", "false"]
+            "--eval.progress", "false",
+            # lm-eval, retrieval and samples sized for the tiny model (window 512, a byte-level tokenizer)
+            "--eval.task_examples", "4", "--eval.needle", "false", "--eval.retrieval_lengths", "[384,512]",
+            "--eval.retrieval_depths", "[0.5]", "--eval.samples", "1", "--eval.sample_prompt_tokens", "32",
+            "--eval.sample_new_tokens", "8"]
     # in a fresh interpreter: the trainer initialises torch.distributed/DeepSpeed state in its process,
     # which forked ranks of later tests must not inherit
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -34,7 +38,9 @@ def test_main_job_end_to_end_reduced(tmp_path):
     text = (run / "REPORT.md").read_text()
     assert text in proc.stdout
     for section in ("## Adaptation", "## Held-out perplexity", "## Realised execution rate per routed layer",
-                    "KV cache:", "prefill:", "## Quality against KV memory"):
+                    "KV cache:", "prefill:", "## Quality against KV memory", "## lm-evaluation-harness",
+                    "| mod_choice | acc |", "## Long-context retrieval", "| passkey | 512 | 0.5 |",
+                    "](eval/retrieval_mod.png)", "## Samples"):
         assert section in text, section
     assert (run / "model" / "config.json").is_file() and (run / "init_model" / "config.json").is_file()
     cfg = json.loads((run / "model" / "config.json").read_text())

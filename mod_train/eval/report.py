@@ -10,7 +10,11 @@ quality_vs_kv.png (threshold routing only). What is measured (see metrics.py for
 - per routed layer: execution rate, mean gate, share of gates within 0.05 of the threshold p, histogram;
 - KV-cache bytes and prefill time of one prefill (MoDCache vs the dense model's own cache);
 - quality against KV memory: thresholds calibrated post hoc (calibrate_thresholds) on held-out text that
-  is not evaluated, for each target rate; perplexity, realised rate, ideal and measured KV fraction.
+  is not evaluated, for each target rate; perplexity, realised rate, ideal and measured KV fraction;
+- when asked (EvalConfig.tasks / passkey / needle / samples): lm-evaluation-harness tasks with the MoD model's
+  realised rate per task (lm_harness.py, local tasks in local_tasks.py), passkey and key-value needle retrieval
+  with the rate at the needle and a heatmap per model (retrieval.py), greedy continuations side by side
+  (samples.py). Task names and retrieval lengths are checked before any measurement.
 """
 from __future__ import annotations
 
@@ -69,7 +73,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     t_start = time.time()
     recipe = load_recipe(cfg.recipe)
     tok = load_tokenizer(recipe)
+    tasks = _task_manager(cfg, recipe, out) if cfg.tasks else None
     dense, mod = _load(cfg)
+    if cfg.passkey or cfg.needle:
+        from mod_train.eval.retrieval import check_fits, check_lengths
+        check_lengths(cfg.retrieval_lengths, dense, "dense model")
+        check_lengths(cfg.retrieval_lengths, mod, "MoD model")
+        check_fits(_retrieval_tasks(cfg), tok, cfg.retrieval_lengths, cfg.retrieval_distractors)
     if len(tok) > dense.config.vocab_size:
         raise ValueError(f"the recipe's tokenizer has {len(tok)} tokens, the model {dense.config.vocab_size}")
     lengths = sorted(int(x) for x in cfg.lengths)
@@ -124,6 +134,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                           "thresholds": {str(k): v for k, v in sorted(th.items())}})
         mod.set_mod_config(orig)
     res["sweep"] = {"length": SL, "dense_ppl": dense_sweep_ppl, "points": sweep}
+    res.update(_field_benchmarks(cfg, recipe, tok, dense, mod, docs, tasks, out))
     res["seconds"] = time.time() - t_start
     # -- plots --
     figs = {}
@@ -205,6 +216,84 @@ def _pruning_baseline(cfg: EvalConfig, res: dict, dense, mod, lengths, ids, unse
                 r = M.perplexity(pruned, docs, L, None, bar)
             res[name][str(L)]["pruned"] = {"ppl": r.ppl, "loss": r.loss, "tokens": r.tokens, "windows": r.windows}
     del pruned
+
+
+def _task_manager(cfg: EvalConfig, recipe, out: Path):
+    """lm-eval's task index with the requested local tasks written under <out>/lm_eval_tasks; unknown names are
+    refused here, before any model is loaded."""
+    from mod_train.eval.lm_harness import check_tasks, task_manager
+    from mod_train.eval.local_tasks import LOCAL_TASKS, write_local_tasks
+    local = [t for t in cfg.tasks if t in LOCAL_TASKS]
+    path = write_local_tasks(recipe, out / "lm_eval_tasks", local, cfg.task_examples, cfg.seed) if local else None
+    tm = task_manager(path, cfg.tasks)
+    check_tasks(cfg.tasks, tm)
+    return tm
+
+
+def _field_benchmarks(cfg: EvalConfig, recipe, tok, dense, mod, docs, tasks, out: Path) -> dict:
+    """What the field reports besides perplexity, each part only when asked: lm-eval tasks, retrieval, samples
+    (with the seconds each took, so a budget can be sized)."""
+    res, seconds = {}, {}
+    if tasks is not None:
+        from mod_train.eval import lm_harness
+        t0 = time.time()
+        res["lm_eval"] = lm_harness.compare(dense, mod, tok, cfg.tasks, tasks, cfg.task_limit)
+        seconds["lm_eval"] = time.time() - t0
+    if cfg.passkey or cfg.needle:
+        t0 = time.time()
+        res["retrieval"] = _retrieval(cfg, recipe, tok, dense, mod, out)
+        seconds["retrieval"] = time.time() - t0
+    if cfg.samples:
+        from mod_train.eval.samples import side_by_side
+        t0 = time.time()
+        res["samples"] = side_by_side({"dense": dense, "mod": mod}, tok, docs, cfg.samples, cfg.sample_prompt_tokens,
+                                      cfg.sample_new_tokens)
+        seconds["samples"] = time.time() - t0
+    if seconds:
+        res["field_seconds"] = seconds
+    return res
+
+
+def _retrieval(cfg: EvalConfig, recipe, tok, dense, mod, out: Path) -> dict:
+    """Passkey and/or key-value retrieval on both models over the held-out documents as haystack."""
+    from mod_train.data import heldout_documents
+    from mod_train.eval import retrieval as R
+    tasks = _retrieval_tasks(cfg)
+    hay = R.haystack_ids(tok, heldout_documents(recipe, max_docs=max(cfg.max_docs or 4, 4)))
+    results = R.evaluate({"dense": dense, "mod": mod}, tok, hay, tasks, sorted(cfg.retrieval_lengths),
+                         cfg.retrieval_depths, cfg.retrieval_trials, cfg.seed, cfg.retrieval_distractors, cfg.progress)
+    return {"results": results, "figures": R.heatmaps(results, out)}
+
+
+def _retrieval_tasks(cfg: EvalConfig) -> list[str]:
+    return [t for t, on in (("passkey", cfg.passkey), ("kv", cfg.needle)) if on]
+
+
+def field_sections(res: dict) -> list[str]:
+    """Markdown of the lm-eval, retrieval and samples parts of a run_eval result (empty for parts not run)."""
+    L = []
+    if res.get("lm_eval"):
+        from mod_train.eval.lm_harness import table
+        L.append("\n## lm-evaluation-harness, dense vs MoD\n")
+        L.append("Local tasks are built from held-out text (mod_train/eval/local_tasks.py): mod_lastword predicts a "
+                 "passage's next word that already occurred in it (acc: it is the greedy continuation), mod_choice "
+                 "picks a passage's true continuation among 4 pieces of the same document; *_unseen on the "
+                 "unseen-domain sources. Realised rate: the MoD model's execution rate over the task's tokens.\n")
+        L += table(res["lm_eval"])
+    if res.get("retrieval"):
+        from mod_train.eval.retrieval import table
+        r = res["retrieval"]
+        L.append("\n## Long-context retrieval, dense vs MoD\n")
+        L.append("Greedy exact match of the needle's value (passkey: 'The pass key is N'; kv: one key's magic number "
+                 "among distractor keys) hidden at each depth of held-out text; the MoD columns give the routed "
+                 "layers' execution rate at the needle sentence, at its value tokens and over the whole probe.\n")
+        L += table(r["results"])
+        L += [""] + [f"![retrieval accuracy, {name}]({f})" for name, f in r["figures"].items()]
+    if res.get("samples"):
+        from mod_train.eval.samples import markdown
+        L.append("\n## Samples: greedy continuations of held-out prompts\n")
+        L += markdown(res["samples"], {"dense": "dense", "mod": "MoD"})
+    return L
 
 
 def mod_calibrate(model, batches, target: float) -> dict:
@@ -301,6 +390,7 @@ def render(res: dict, stats_by_len: dict) -> str:
         L.append(f"\n![quality against KV memory]({res['figures']['sweep']})\n")
     elif res["mod_config"]["routing"] != "threshold":
         L.append("\n(No calibration sweep: post-hoc threshold calibration applies to threshold routing only.)\n")
+    L += field_sections(res)
     return "\n".join(L) + "\n"
 
 

@@ -99,7 +99,7 @@ def _non_default(obj) -> dict:
 
 
 def render(cfg: RunConfig, status, metrics, res, seconds, total, torch_version) -> str:
-    from mod_train.eval.report import ppl_table, unseen_section
+    from mod_train.eval.report import field_sections, ppl_table, unseen_section
     steps = sorted(metrics)
     lengths = sorted(int(k) for k in res["ppl"])
     L = ["# mod_train main job: MoDification of SmolLM2-135M on CPU", ""]
@@ -145,8 +145,9 @@ def render(cfg: RunConfig, status, metrics, res, seconds, total, torch_version) 
             L.append(f"| {p['target']} | {p['rate']:.3f} | {p['ppl']:.2f} | {p['kv_measured']:.3f} | "
                      f"{p['kv_ideal']:.3f} |")
         L.append(f"\ndense ppl at that context: {res['sweep']['dense_ppl']:.2f}")
+    L += [x.replace("](retrieval_", "](eval/retrieval_") for x in field_sections(res)]
     L.append("")
     L.append("Figures and the full evaluation report: `eval/report.md` (rate per layer, routing map, gate "
-             "histogram, quality vs KV).")
+             "histogram, quality vs KV" + (", retrieval heatmaps" if res.get("retrieval") else "") + ").")
     return "\n".join(L) + "\n"
 

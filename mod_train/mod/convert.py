@@ -12,11 +12,17 @@ the MoD subclass and adds routers). `from_pretrained_mod(path, cfg)` loads a den
 into the MoD class; under DeepSpeed ZeRO-3 (weights loaded already partitioned) pass a `gather` (see
 `init_routers`), as mod_train.parallel.zero3.build_model does.
 
+`save_pretrained` also writes `modeling_mod.py` (hf_remote.py) and an `auto_map` into the directory, so it
+loads with `trust_remote_code=True` in a process that never imported mod_train (`write_remote_code`).
+
 Threshold calibration, the router probe and random routers live in calibrate.py.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -70,22 +76,51 @@ class MoDQwen3Config(Qwen3Config):
     mod: dict | None = None
 
 
-class MoDLlamaForCausalLM(MoDMixin, LlamaForCausalLM):
+REMOTE_CODE_FILE = "modeling_mod.py"
+"""Name of the modeling file written into every saved MoD directory (a copy of hf_remote.py)."""
+
+
+def write_remote_code(directory, model_class: type) -> None:
+    """Make a saved MoD directory loadable with `trust_remote_code=True` without importing mod_train first:
+    copy hf_remote.py in as modeling_mod.py and point config.json's `auto_map` at its classes. A process that
+    did import mod_train keeps loading through the registered Auto classes (transformers prefers local code
+    when trust_remote_code is not given), so both paths build the same class."""
+    d = Path(directory)
+    shutil.copyfile(Path(__file__).with_name("hf_remote.py"), d / REMOTE_CODE_FILE)
+    cfg_file = d / "config.json"
+    config = json.loads(cfg_file.read_text())
+    module = REMOTE_CODE_FILE[:-3]
+    config["auto_map"] = {"AutoConfig": f"{module}.{model_class.config_class.__name__}",
+                          "AutoModelForCausalLM": f"{module}.{model_class.__name__}"}
+    cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+class _SavesRemoteCode:
+    """First base of the MoD model classes: save_pretrained also writes the remote-code loader."""
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        out = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_remote_code(save_directory, type(self))
+        return out
+
+
+class MoDLlamaForCausalLM(_SavesRemoteCode, MoDMixin, LlamaForCausalLM):
     config_class = MoDLlamaConfig
     __init__ = _mod_init
 
 
-class MoDMistralForCausalLM(MoDMixin, MistralForCausalLM):
+class MoDMistralForCausalLM(_SavesRemoteCode, MoDMixin, MistralForCausalLM):
     config_class = MoDMistralConfig
     __init__ = _mod_init
 
 
-class MoDQwen2ForCausalLM(MoDMixin, Qwen2ForCausalLM):
+class MoDQwen2ForCausalLM(_SavesRemoteCode, MoDMixin, Qwen2ForCausalLM):
     config_class = MoDQwen2Config
     __init__ = _mod_init
 
 
-class MoDQwen3ForCausalLM(MoDMixin, Qwen3ForCausalLM):
+class MoDQwen3ForCausalLM(_SavesRemoteCode, MoDMixin, Qwen3ForCausalLM):
     config_class = MoDQwen3Config
     __init__ = _mod_init
 
