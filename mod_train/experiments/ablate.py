@@ -343,7 +343,8 @@ def render(res: dict) -> str:
         tl = (f"{r['first_lm_loss']:.3f} -> {r['final_lm_loss']:.3f}" if r.get("final_lm_loss") is not None else "")
         extra = f" (capacity {r['mod']['capacity']:.3f})" if v == "topk" else ""
         extra += f" ({len(r['layers_deleted'])} layers deleted)" if r.get("layers_deleted") else ""
-        ideal = r["kv_ideal"] if "mod" in r or v.startswith("topk") else r.get("layers", 1) / base.get("layers", 1)
+        ideal = r["kv_ideal"] if "mod" in r or v.startswith("topk") else \
+            r["layers"] / (r["layers"] + len(r.get("layers_deleted", [])))
         row = f"| {LABELS.get(v, v)}{extra} | {r['ppl']:.3f} | {r['rate']:.3f} | {kv_rel:.3f} |"
         if unseen:
             ukv = r.get("kv_bytes_unseen", float("nan")) / base.get("kv_bytes_unseen", float("nan"))
