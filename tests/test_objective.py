@@ -73,3 +73,31 @@ def test_kd_two_ranks_match_one_process(stage, tiny, tmp_path):
         for k in ("loss/lm", "loss/kd", "loss/aux"):
             assert a[s][k] == pytest.approx(b[s][k], rel=2e-5, abs=1e-6), (s, k, a[s][k], b[s][k])
     assert a[1]["loss/kd"] > 0 and all(math.isfinite(a[s]["loss/kd"]) for s in a)
+
+
+def test_routers_only_teacher_is_the_student_with_routing_off():
+    """trainable='routers': build_teacher builds no second copy; it runs the student's own module with routing
+    off, which gives the dense model's logits."""
+    import copy
+    from conftest import randomize_routers
+    from mod_train import MoDConfig, modify
+    from mod_train.config import RunSpec, TrainConfig
+    from mod_train.train.engine import Built, build_teacher
+    dense = tiny_model("llama", layers=4).eval()
+    m = randomize_routers(modify(copy.deepcopy(dense), MoDConfig(layers="all", router_init="zero")))
+    built = Built(engine=object(), model=m, group_names=[], n_trainable=0, n_params=0, accepts_doc_ids=True)
+    teacher = build_teacher(RunSpec(model="unused", out="unused"), TrainConfig(objective="kd", trainable="routers"),
+                            m.mod_config, {}, built)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher({"input_ids": ids}), dense(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(m(ids).logits, dense(ids).logits, atol=1e-3)  # the student itself routes
+
+
+@pytest.mark.slow
+def test_routers_only_kd_runs_on_zero3(tiny, tmp_path):
+    train = {"objective": "kd", "trainable": "routers", "router_lr": 1e-2, "max_steps": 2}
+    res = run_ranks(train_worker, 2, tiny, tmp_path, "ds_configs/zero3.json", train)
+    assert all(r["status"] == "completed" for r in res)
+    m = losses(tmp_path)
+    assert m[1]["loss/kd"] > 0 and math.isfinite(m[2]["loss/kd"])

@@ -104,13 +104,15 @@ def plain_step(engine, stream, tc, n_layers: int, accepts_doc_ids: bool, per_sou
         if accepts_doc_ids and "doc_ids" in batch:
             kw["doc_ids"] = batch["doc_ids"]
         kw = {k: v.to(engine.device) for k, v in kw.items()}
+        t_logits = None
+        if teacher is not None:  # before the student: a routing-off teacher is the student's own module
+            with torch.no_grad():
+                t_logits = teacher({k: v for k, v in kw.items() if k != "labels"})
         out = engine(**kw)
         aux_t = out.aux_loss if isinstance(getattr(out, "aux_loss", None), torch.Tensor) else None
         aux = aux_t.detach().float() if aux_t is not None else torch.zeros(())
         kd = None
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher({k: v for k, v in kw.items() if k != "labels"})
+        if t_logits is not None:
             kd = kd_loss(out.logits, t_logits, kw["labels"], tc.kd_temperature, kw.get("doc_ids"))
             sums.kd += kd.detach().float().cpu()
             sums.with_kd = True
