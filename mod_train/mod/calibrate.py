@@ -13,13 +13,12 @@ set at that moment (already calibrated / fitted): `_routed_walk` is that walk, w
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Iterable, Iterator
 
 import torch
 
 from mod_train.mod.layer import dense_layer, router_input
-from mod_train.mod.router import logit, rate_quantile
+from mod_train.mod.router import logit, rate_quantile, threshold_p
 
 
 SKIP_MARGIN = 4.0  # logits between an all-or-nothing layer's probe values and its threshold
@@ -75,14 +74,10 @@ def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] |
         # the (1 - target) quantile of the logits (not of the gates, which saturate in fp32), as p in
         # float64; selection compares logits, so p this close to 0 or 1 keeps its meaning
         q = rate_quantile(z, target_rate)
-        thresholds[i] = _as_p(q)
+        thresholds[i] = threshold_p(q)
         cfg = dataclasses.replace(cfg, layer_thresholds=thresholds)
         model.set_mod_config(cfg)
     return thresholds
-
-
-def _as_p(q: float) -> float:
-    return min(max(1.0 / (1.0 + math.exp(-q)), 1e-15), 1 - 1e-15)
 
 
 def _calibrate_global(model, batches, target_rate: float, iters: int = 12) -> dict[int, float]:
@@ -92,7 +87,7 @@ def _calibrate_global(model, batches, target_rate: float, iters: int = 12) -> di
     theta = {j: logit(base.threshold_for(j)) for j in model.routed_layers}
 
     def mean_rate(shift: float) -> float:
-        model.set_mod_config(dataclasses.replace(base, layer_thresholds={j: _as_p(t + shift) for j, t in theta.items()}))
+        model.set_mod_config(dataclasses.replace(base, layer_thresholds={j: threshold_p(t + shift) for j, t in theta.items()}))
         rates = []
         with torch.no_grad():
             for b in batches:

@@ -70,6 +70,12 @@ def logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+def threshold_p(q: float, eps: float = 1e-15) -> float:
+    """The threshold p whose logit is q (the inverse of `logit`, overflow-free), kept in [eps, 1 - eps]."""
+    p = 1.0 / (1.0 + math.exp(-q)) if q >= 0 else math.exp(q) / (1.0 + math.exp(q))
+    return min(max(p, eps), 1 - eps)
+
+
 def rate_quantile(z: torch.Tensor, rate: float) -> float:
     """The logit at or above which a share `rate` of the logits z lies: their (1 - rate) quantile (rate 1:
     the minimum). Threshold calibration and the rate-centred router probe both place p_j here."""

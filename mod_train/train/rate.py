@@ -25,6 +25,7 @@ import math
 import torch
 
 from mod_train.config import MoDConfig, TrainConfig
+from mod_train.mod.router import logit, rate_quantile, threshold_p
 
 
 def scheduled_rate(tc: TrainConfig, final: float, step: int) -> float:
@@ -35,20 +36,12 @@ def scheduled_rate(tc: TrainConfig, final: float, step: int) -> float:
     return tc.rate_start + (final - tc.rate_start) * frac
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-12), 1 - 1e-12)
-    return math.log(p / (1 - p))
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
 def _quantile(z: torch.Tensor, rate: float) -> float:
-    """The value at or above which a share `rate` of z lies (z sampled to bound torch.quantile's input)."""
+    """router.rate_quantile on at most 2^20 of the logits (torch.quantile bounds its input); at rate 1 just below
+    the minimum, so every token runs after the threshold's round trip through p."""
     if z.numel() > 1 << 20:
         z = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 20]]
-    return float(torch.quantile(z.double(), 1.0 - rate)) if rate < 1 else float(z.min()) - 1e-6
+    return rate_quantile(z.double(), rate) if rate < 1 else float(z.min()) - 1e-6
 
 
 class RateController:
@@ -104,14 +97,14 @@ class RateController:
         z = {j: torch.cat(v) for j, v in sorted(self.logits.items())}
         js = list(z)
         if cfg.target_scope == "global":
-            theta = [_logit(cfg.threshold_for(j)) for j in js]
+            theta = [logit(cfg.threshold_for(j)) for j in js]
             delta = _quantile(torch.cat([z[j] - th for j, th in zip(js, theta)]), t)
             floor = [_quantile(z[j], cfg.rate_floor) if cfg.rate_floor > 0 else math.inf for j in js]
             delta, *floor = _mean_over_ranks([delta, *floor])
             new = {j: min(th + delta, f) for j, th, f in zip(js, theta, floor)}  # a lower threshold runs more
         else:
             new = dict(zip(js, _mean_over_ranks([_quantile(z[j], t) for j in js])))
-        th = {**cfg.layer_thresholds, **{j: min(max(_sigmoid(v), 1e-12), 1 - 1e-12) for j, v in new.items()}}
+        th = {**cfg.layer_thresholds, **{j: threshold_p(v, eps=1e-12) for j, v in new.items()}}
         self.model.set_mod_config(dataclasses.replace(cfg, layer_thresholds=th))
         self.logits.clear()
 
