@@ -211,7 +211,7 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
     return model, info
 
 
-def _pruned_dir(cfg: AblationConfig, res: dict, n_layers: int) -> tuple[str, list[int]]:
+def _pruned_dir(cfg: AblationConfig, res: dict) -> tuple[str, list[int]]:
     """The dense model with the matched number of lowest-influence layers deleted, saved under <out>/pruned_model."""
     from transformers import AutoModelForCausalLM
 
@@ -228,6 +228,7 @@ def _pruned_dir(cfg: AblationConfig, res: dict, n_layers: int) -> tuple[str, lis
     mc = variant_mod_config(cfg.prune_match if cfg.prune_match in cfg.variant_overrides or
                             cfg.prune_match in ALL_VARIANTS else "threshold", cfg, capacity=0.5)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+    n_layers = model.config.num_hidden_layers
     bi = block_influence(model, first_rows(cfg.recipe, cfg.seq_len))
     drop = lowest_influence(bi, n, keep_first=mc.dense_first, keep_last=mc.dense_last)
     out = Path(cfg.out) / "pruned_model"
@@ -280,7 +281,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
             row = {"trained": True, **info, **evaluate(model, ids, cfg, v, unseen)}
         elif v in ("pruned", "pruned_trained"):
             if pruned is None:
-                pruned = _pruned_dir(cfg, res, AutoModelForCausalLM.from_pretrained(cfg.model).config.num_hidden_layers)
+                pruned = _pruned_dir(cfg, res)
             if v == "pruned":
                 model = AutoModelForCausalLM.from_pretrained(pruned[0], dtype=torch.float32).eval()
                 row = {"trained": False, "layers_deleted": pruned[1], **evaluate(model, ids, cfg, v, unseen)}
