@@ -55,7 +55,8 @@ class AblationConfig:
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     """Variants to run (see the module docstring); topk needs threshold (its capacity) unless topk_capacity is set."""
     variant_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Named variants of `threshold`: {name: {'mod': {...}, 'train': {...}, 'init': 'probe'}} (one factor each)."""
+    """Named variants of `threshold`: {name: {'mod': {...}, 'train': {...}, 'init': 'probe', 'init_rate': 0.46}}
+    (one factor each; 'init_rate' when the factor changes the routed layers, so the same budget is another rate)."""
     steps: int = 30
     """Optimizer steps per variant."""
     seq_len: int = 512
@@ -187,7 +188,8 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
     init = over.get("init", cfg.init)
     if mod_cfg is not None and init != "dense":
         from mod_train.experiments.probe import probe_start
-        model_path, _ = probe_start(model_path, mod_cfg, cfg.recipe, cfg.seq_len, run / "init_model", cfg.init_rate,
+        model_path, _ = probe_start(model_path, mod_cfg, cfg.recipe, cfg.seq_len, run / "init_model",
+                                    over.get("init_rate", cfg.init_rate),
                                     allocate=init == "allocated", pooled=init == "ranked")
     tr = Trainer(RunSpec(model=model_path, out=str(run), ds=cfg.ds, recipe=cfg.recipe, dense=mod_cfg is None,
                          teacher=teacher if tc.uses_teacher else None), tc, mod_cfg)
