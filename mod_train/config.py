@@ -232,6 +232,13 @@ class TrainConfig:
     """Weight of the KD loss when `objective` includes it."""
     kd_temperature: float = 1.0
     """Softmax temperature of both distributions in the KD loss (scaled by T^2; Minitron: 1 is best)."""
+    kd_hidden_weight: float = 0.0
+    """Weight of the hidden-state term of distillation (objective 'kd' / 'lm+kd'): the mean cosine distance
+    1 - cos(h_student, h_teacher) after the decoder layers `kd_hidden_layers`, at the positions the KD loss scores
+    (0: off; Minitron found it helps a little only for deep cuts)."""
+    kd_hidden_layers: list[int] = dataclasses.field(default_factory=list)
+    """Decoder layers (the original model's indices; negative from the end) whose outputs the hidden-state term
+    compares; empty: the last layer. A layer deleted from a pruned student cannot be chosen."""
     rate_control: Literal["loss", "thresholds"] = "loss"
     """How the execution rate follows MoDConfig.target_rate: 'loss' (the auxiliary loss moves the routers) or
     'thresholds' (also, after every step the thresholds move to the scheduled quantile of the step's router
@@ -285,6 +292,11 @@ class TrainConfig:
                 bad(name, "loss weights must be >= 0")
         if not self.kd_temperature > 0:
             bad("kd_temperature", "must be > 0 (1.0 is the usual choice)")
+        if self.kd_hidden_weight < 0:
+            bad("kd_hidden_weight", "loss weights must be >= 0 (0: no hidden-state term)")
+        if self.kd_hidden_weight > 0 and not self.uses_teacher:
+            bad("kd_hidden_weight", f"the hidden-state term distils: set objective to 'kd' or 'lm+kd' "
+                f"(it is {self.objective!r}) or the weight to 0")
         if self.rate_warmup_steps < 0:
             bad("rate_warmup_steps", "must be >= 0 (0: no anneal)")
         if not 0 < self.rate_start <= 1:

@@ -65,14 +65,77 @@ def tiny(tmp_path_factory):
 def test_kd_two_ranks_match_one_process(stage, tiny, tmp_path):
     """ZeRO-3: the frozen teacher is partitioned like the student; ZeRO-1: a plain replicated copy."""
     train = {"objective": "lm+kd", "kd_weight": 2.0, "max_steps": 3}
+    keys = ("loss/lm", "loss/kd", "loss/aux")
+    if stage == 3:  # the hidden-state term too: taps on the partitioned student and teacher
+        train.update(kd_hidden_weight=0.5, kd_hidden_layers=[1, -1])
+        keys += ("loss/kd_hidden",)
     run_ranks(train_worker, 1, tiny, tmp_path / "ref", STAGE0, {**train, "grad_accum": 2})
     run_ranks(train_worker, 2, tiny, tmp_path / "z3", f"ds_configs/zero{stage}.json", train)
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "z3")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
-        for k in ("loss/lm", "loss/kd", "loss/aux"):
+        for k in keys:
             assert a[s][k] == pytest.approx(b[s][k], rel=2e-5, abs=1e-6), (s, k, a[s][k], b[s][k])
     assert a[1]["loss/kd"] > 0 and all(math.isfinite(a[s]["loss/kd"]) for s in a)
+    if stage == 3:
+        assert a[1]["loss/kd_hidden"] > 0
+
+
+def test_hidden_loss_is_the_masked_cosine_distance():
+    from mod_train.train.objective import hidden_loss
+    g = torch.Generator().manual_seed(1)
+    B, S, H = 2, 6, 5
+    st = {j: torch.randn(B, S, H, generator=g) for j in (1, 3)}
+    te = {j: torch.randn(B, S, H, generator=g) for j in (1, 3)}
+    labels = torch.ones(B, S, dtype=torch.long)
+    labels[1, 2] = -100                       # position 1 of row 1 is not scored
+    per_layer = []
+    for j in (1, 3):
+        d = [1 - float(torch.dot(st[j][b, i], te[j][b, i]) / (st[j][b, i].norm() * te[j][b, i].norm()))
+             for b in range(B) for i in range(S - 1) if not (b == 1 and i == 1)]
+        per_layer.append(sum(d) / len(d))
+    assert hidden_loss(st, te, labels).item() == pytest.approx(sum(per_layer) / 2, rel=1e-5)
+    assert hidden_loss(te, te, labels).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_hidden_taps_match_across_mod_dense_and_pruned_students():
+    """The hidden state after original layer j is read the same way from a MoD model (routing off), the dense HF
+    model and a pruned one whose deleted layers come after j; a deleted layer is refused by name."""
+    from mod_train import MoDConfig, modify
+    from mod_train.config import ConfigError, TrainConfig
+    from mod_train.mod.prune import prune_layers
+    from mod_train.train.objective import capture_hidden, resolve_hidden_layers
+    torch.manual_seed(0)
+    dense = tiny_model("llama", layers=4).eval()
+    ids = torch.randint(0, dense.config.vocab_size, (1, 8))
+    mod = modify(tiny_model("llama", layers=4), MoDConfig(layers="all", router_init="zero")).eval()
+    mod.load_state_dict(dense.state_dict(), strict=False)
+    pruned = prune_layers(tiny_model("llama", layers=4).eval(), [2])
+    pruned.load_state_dict({k: v for k, v in dense.state_dict().items() if ".layers.2." not in k and ".layers.3." not in k}
+                           | {k.replace(".layers.3.", ".layers.2."): v for k, v in dense.state_dict().items()
+                              if ".layers.3." in k})
+    assert pruned.config.pruned_layers == [2]
+    with torch.no_grad():
+        with mod.routing_disabled(), capture_hidden(mod, [1, 3]) as hm:
+            mod(ids)
+        with capture_hidden(dense, [1, 3]) as hd:
+            ref = dense(ids, output_hidden_states=True).hidden_states
+        with capture_hidden(pruned, [1, 3]) as hp:
+            pruned(ids)
+    torch.testing.assert_close(hm[1], ref[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hd[1], ref[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hp[1], ref[2], rtol=1e-5, atol=1e-5)   # layers before the deleted one
+    assert not torch.allclose(hp[3], hd[3], atol=1e-3)                 # after it: the pruned path differs
+    torch.testing.assert_close(hm[3], hd[3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="kd_hidden_layers.*deleted"):
+        with capture_hidden(pruned, [2]):
+            pass
+    tc = TrainConfig(objective="kd", kd_hidden_weight=1.0, kd_hidden_layers=[1, -1])
+    assert resolve_hidden_layers(tc, 4) == [1, 3]
+    with pytest.raises(ConfigError, match=r"kd_hidden_layers = \[1, 7\]"):
+        resolve_hidden_layers(TrainConfig(objective="kd", kd_hidden_weight=1.0, kd_hidden_layers=[1, 7]), 4)
+    with pytest.raises(ConfigError, match="kd_hidden_weight"):
+        TrainConfig(objective="lm", kd_hidden_weight=1.0).validate()
 
 
 def test_routers_only_teacher_is_the_student_with_routing_off():

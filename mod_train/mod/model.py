@@ -77,6 +77,18 @@ class MoDMixin:
         self.config.mod = self._mod_dict
 
     _routing_off: bool = False
+    _taps: tuple | None = None
+
+    @contextlib.contextmanager
+    def hidden_taps(self, layers):
+        """Inside this block each forward records the hidden states after decoder layers `layers` (every
+        token, skipped ones included) into the yielded dict {layer: [B, S, H]}; the hidden-state KD term."""
+        store: dict[int, torch.Tensor] = {}
+        before, self._taps = self._taps, (frozenset(layers), store)
+        try:
+            yield store
+        finally:
+            self._taps = before
 
     @contextlib.contextmanager
     def routing_disabled(self):
@@ -159,6 +171,8 @@ class MoDMixin:
         terms = []
         for i in range(self.config.num_hidden_layers):
             h, t = self.mod_layer(i, h, meta)
+            if self._taps is not None and i in self._taps[0]:
+                self._taps[1][i] = h
             if t is not None:
                 terms.append(t)
         return h, terms

@@ -80,6 +80,11 @@ def prune_layers(model, drop: list[int]):
                 mod.layer_idx = new
     cfg = model.config
     cfg.num_hidden_layers = len(keep)
+    # the original's indices of every deleted layer (also over repeated pruning): the hidden-state KD term
+    # maps the teacher's layers to the student's through it
+    before = list(getattr(cfg, "pruned_layers", None) or [])
+    orig = [i for i in range(L + len(before)) if i not in set(before)]
+    cfg.pruned_layers = sorted(before + [orig[i] for i in drop])
     if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == L:
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
     return model

@@ -186,7 +186,7 @@ def prune(root: Path, keep_last: int) -> None:
 MAY_CHANGE = ("lr", "router_lr", "min_lr_ratio", "warmup_steps", "max_steps", "save_every", "keep_last",
               "log_every", "grad_clip", "grad_checkpointing", "micro_batch_size", "grad_accum", "exit_after_steps",
               "per_source_loss", "wandb", "wandb_project", "run_name", "progress", "objective", "lm_weight",
-              "kd_weight", "kd_temperature", "rate_control", "rate_warmup_steps", "rate_start")
+              "kd_weight", "kd_temperature", "kd_hidden_weight", "kd_hidden_layers", "rate_control", "rate_warmup_steps", "rate_start")
 # TrainConfig fields the optimizer state or the data order has baked in: part of the fingerprint
 # (together with precision, trainable/train_modules and seq_len, recorded under their own keys).
 TRAIN_FIXED = ("seed", "weight_decay", "betas", "eps")

@@ -14,6 +14,7 @@ import torch
 
 from mod_train.config import RunSpec, TrainConfig
 from mod_train.parallel import dsconfig
+from mod_train.train.objective import resolve_hidden_layers
 from mod_train.train.optim import param_groups, scheduler, set_trainable
 
 
@@ -89,6 +90,7 @@ def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Bu
     """The dense original's next-token logits for the KD objective, as `teacher(kw) -> logits`, or None.
 
     - Routers only (the base weights never change): the student's own weights with routing off, no copy.
+    - `teacher.model` is the module it runs; `teacher.hidden_layers` the layers of the hidden-state term.
     - Otherwise a frozen copy built the way the student is (partitioned under ZeRO-3, no optimizer state) from
       `spec.teacher` or the start model, run as the MoD stack with routing off, so packed documents never
       attend to each other, exactly as in the student.
@@ -121,6 +123,8 @@ def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Bu
         with model.routing_disabled():
             return model(**inputs).logits
 
+    teacher.model = model  # the hidden-state term reads the teacher's layers through it (objective.capture_hidden)
+    teacher.hidden_layers = resolve_hidden_layers(tc, model.config.num_hidden_layers)
     return teacher
 
 

@@ -1,14 +1,17 @@
 """The training objective: LM loss, distillation from the dense original (forward KL), or both, plus the MoD
 auxiliary loss the model returns.
 
-    total = lm_weight * LM + kd_weight * KD + aux          (objective 'lm+kd'; 'lm' / 'kd' drop a term)
+    total = lm_weight * LM + kd_weight * KD + kd_hidden_weight * H + aux   (objective 'lm+kd'; 'lm' / 'kd' drop a term)
     KD    = T^2 * mean over predicted positions of KL( softmax(teacher / T) || softmax(student / T) )
+    H     = mean over the chosen layers and the predicted positions of 1 - cos(h_student, h_teacher)
 
 over the full vocabulary (Minitron, arXiv 2407.14679: forward KL on the logits alone at T = 1 beat CE+KL and
 top-k logits). The positions are exactly the LM loss's: logits at t predict token t+1, and a target that is
 padding or the first token of a packed document (label -100) is not predicted.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +41,72 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return kl * temperature ** 2 / mask.sum()
 
 
-def combine(tc, lm: torch.Tensor, aux: torch.Tensor, kd: torch.Tensor | None) -> torch.Tensor:
+def hidden_loss(student: dict, teacher: dict, labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the layers of `teacher` ({layer: [B, S, H]}) of the mean cosine distance between the student's
+    and the teacher's hidden states after that layer, at the positions the KD and LM losses score."""
+    any_h = next(iter(teacher.values()))
+    mask = predicted_mask(labels.to(any_h.device), None if doc_ids is None else doc_ids.to(any_h.device))
+    if not mask.any():
+        return next(iter(student.values())).sum() * 0.0
+    terms = [(1 - F.cosine_similarity(student[j][:, :-1][mask].float(), t[:, :-1][mask].float(), dim=-1)).mean()
+             for j, t in sorted(teacher.items())]
+    return torch.stack(terms).mean()
+
+
+def resolve_hidden_layers(tc, n_layers: int) -> list[int]:
+    """`tc.kd_hidden_layers` as indices into the teacher's `n_layers` decoder layers (negative: from the end;
+    empty: the last layer); [] when the hidden-state term is off."""
+    from mod_train.config import ConfigError
+    if tc.kd_hidden_weight == 0:
+        return []
+    asked = tc.kd_hidden_layers or [-1]
+    bad = [j for j in asked if not -n_layers <= j < n_layers]
+    if bad:
+        raise ConfigError(f"TrainConfig.kd_hidden_layers = {asked}: {bad} out of range for a teacher with {n_layers} "
+                          f"decoder layers; use indices 0..{n_layers - 1} (or negative from the end)")
+    return sorted({j % n_layers for j in asked})
+
+
+@contextlib.contextmanager
+def capture_hidden(model, layers: list[int]):
+    """Yields {layer: hidden state after it} for the forwards run inside, in the original model's layer indices.
+    MoD models record through their taps; plain HF models (the dense and pruned baselines) through hooks on their
+    decoder layers, mapped through config.pruned_layers (a deleted layer has no hidden state to match)."""
+    from mod_train.config import ConfigError
+    if not layers:
+        yield {}
+        return
+    if hasattr(model, "hidden_taps"):
+        with model.hidden_taps(layers) as store:
+            yield store
+        return
+    deleted = set(getattr(model.config, "pruned_layers", None) or [])
+    gone = [j for j in layers if j in deleted]
+    if gone:
+        raise ConfigError(f"TrainConfig.kd_hidden_layers: layers {gone} were deleted from the pruned student; "
+                          f"choose layers it kept (deleted: {sorted(deleted)})")
+    kept = [i for i in range(model.config.num_hidden_layers + len(deleted)) if i not in deleted]
+    store: dict[int, torch.Tensor] = {}
+    hooks = [model.model.layers[k].register_forward_hook(
+        lambda m, a, out, j=j: store.__setitem__(j, out[0] if isinstance(out, tuple) else out))
+        for k, j in enumerate(kept) if j in layers]
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def combine(tc, lm: torch.Tensor, aux: torch.Tensor, kd: torch.Tensor | None,
+            hidden: torch.Tensor | None = None) -> torch.Tensor:
     """The loss to backpropagate for `tc.objective`."""
     total = aux.to(lm.dtype)
     if tc.objective in ("lm", "lm+kd"):
         total = total + tc.lm_weight * lm
     if kd is not None:
         total = total + tc.kd_weight * kd.to(lm.dtype)
+    if hidden is not None:
+        total = total + tc.kd_hidden_weight * hidden.to(lm.dtype)
     return total
 
 
@@ -55,4 +117,6 @@ def objective_total(tc, metrics: dict) -> float:
         total += tc.lm_weight * metrics["loss/lm"]
     if "loss/kd" in metrics:
         total += tc.kd_weight * metrics["loss/kd"]
+    if "loss/kd_hidden" in metrics:
+        total += tc.kd_hidden_weight * metrics["loss/kd_hidden"]
     return total

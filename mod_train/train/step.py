@@ -6,12 +6,13 @@ rank computes the loss) and a pipeline engine (only the last stage does) report 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from mod_train.data import collate
-from mod_train.train.objective import combine, kd_loss
+from mod_train.train.objective import capture_hidden, combine, hidden_loss, kd_loss
 
 MAX_SOURCES = 16
 
@@ -28,6 +29,10 @@ class StepSums:
     """Sum of auxiliary (routing) losses, same micro-batches."""
     kd: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     """Sum of distillation losses, same micro-batches (0 without a teacher)."""
+    kd_hidden: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    """Sum of the hidden-state distillation terms, same micro-batches (0 when off)."""
+    with_hidden: bool = False
+    """Whether the hidden-state term was computed (then `loss/kd_hidden` is reported)."""
     with_kd: bool = False
     """Whether a teacher was used (then `loss/kd` is reported)."""
     n_loss: int = 0
@@ -57,7 +62,8 @@ class StepSums:
         for j, (r, g, c) in self.layers.items():
             per_layer[j], per_layer[L + j], per_layer[2 * L + j] = r, g, c
         vec = torch.cat([torch.stack([self.lm, self.aux]).double(), torch.tensor([float(self.n_loss)],
-                         dtype=torch.float64), per_layer, self.src_loss, self.src_cnt, self.kd.double().reshape(1)])
+                         dtype=torch.float64), per_layer, self.src_loss, self.src_cnt, self.kd_hidden.double().reshape(1),
+                         self.kd.double().reshape(1)])
         dev = comm_device()
         vec = vec.to(dev)
         dist.all_reduce(vec)
@@ -69,6 +75,8 @@ class StepSums:
         m = {"loss/lm": vec[0].item() / n, "loss/aux": vec[1].item() / n}
         if self.with_kd:
             m["loss/kd"] = vec[-1].item() / n
+        if self.with_hidden:
+            m["loss/kd_hidden"] = vec[-2].item() / n
         routed = [j for j in range(L) if vec[3 + 2 * L + j] > 0]
         for j in routed:
             c = vec[3 + 2 * L + j].item()
@@ -76,7 +84,7 @@ class StepSums:
             m[f"routing/gate_l{j}"] = vec[3 + L + j].item() / c
         if routed:
             m["routing/rate_mean"] = sum(m[f"routing/rate_l{j}"] for j in routed) / len(routed)
-        sl_, sc = vec[3 + 3 * L:3 + 3 * L + MAX_SOURCES], vec[3 + 3 * L + MAX_SOURCES:-1]
+        sl_, sc = vec[3 + 3 * L:3 + 3 * L + MAX_SOURCES], vec[3 + 3 * L + MAX_SOURCES:-2]
         names = list(source_names or [])
         for s in range(MAX_SOURCES):
             if sc[s] > 0:
@@ -104,11 +112,12 @@ def plain_step(engine, stream, tc, n_layers: int, accepts_doc_ids: bool, per_sou
         if accepts_doc_ids and "doc_ids" in batch:
             kw["doc_ids"] = batch["doc_ids"]
         kw = {k: v.to(engine.device) for k, v in kw.items()}
-        t_logits = None
+        t_logits, layers = None, getattr(teacher, "hidden_layers", [])
         if teacher is not None:  # before the student: a routing-off teacher is the student's own module
-            with torch.no_grad():
+            with torch.no_grad(), capture_hidden(teacher.model, layers) as t_hidden:
                 t_logits = teacher({k: v for k, v in kw.items() if k != "labels"})
-        out = engine(**kw)
+        with capture_hidden(engine.module, layers) if layers else contextlib.nullcontext({}) as s_hidden:
+            out = engine(**kw)
         aux_t = out.aux_loss if isinstance(getattr(out, "aux_loss", None), torch.Tensor) else None
         aux = aux_t.detach().float() if aux_t is not None else torch.zeros(())
         kd = None
@@ -116,12 +125,17 @@ def plain_step(engine, stream, tc, n_layers: int, accepts_doc_ids: bool, per_sou
             kd = kd_loss(out.logits, t_logits, kw["labels"], tc.kd_temperature, kw.get("doc_ids"))
             sums.kd += kd.detach().float().cpu()
             sums.with_kd = True
+        hid = None
+        if layers:
+            hid = hidden_loss(s_hidden, t_hidden, kw["labels"], kw.get("doc_ids"))
+            sums.kd_hidden += hid.detach().float().cpu()
+            sums.with_hidden = True
         if kd is None and tc.lm_weight == 1.0:
             loss = out.loss  # LM + aux as the model returns it
         else:
             zero = out.loss.new_zeros(())
             loss = combine(tc, out.loss - (aux_t if aux_t is not None else zero), aux_t if aux_t is not None
-                           else zero, kd)
+                           else zero, kd, hid)
         engine.backward(loss)
         engine.step()
         sums.lm += out.loss.detach().float().cpu() - aux.cpu()
