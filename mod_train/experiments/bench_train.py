@@ -11,6 +11,9 @@ the rows the benchmark trains on to the requested execution rate (mod_train.cali
 with alpha=0 and (by default) router lr 1e-12 so the rate stays where it was put; every other
 parameter trains exactly as in the dense run. The realised rate of the timed steps is reported.
 Default model: the offline SmolLM2-135M (30 layers, 15 routed: odd layers).
+
+With --kd every configuration also runs with objective 'kd' (a frozen teacher copy), and the KD step is
+reported against the same configuration's LM step (`step_vs_plain`; ideal about 1 + 1/3: one more forward).
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ class TrainBenchConfig:
     """Untimed first steps."""
     rates: list[float] = field(default_factory=lambda: [0.5, 0.125])
     """Target execution rates of the routed layers (one MoD configuration each)."""
+    kd: bool = False
+    """Also time every configuration with objective 'kd' (a frozen teacher copy, full-parameter training): the
+    cost of distillation per step, reported as the ratio to the same configuration's plain LM step."""
     freeze_routers: bool = True
     """Routers get lr 1e-12 (still in the optimizer) so the calibrated rate holds."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -79,12 +85,14 @@ def run_train_bench(a: TrainBenchConfig) -> dict:
 
     model = resolve_model(a.model)
     out = Path(a.out)
-    configs = [("dense", None)] + [(f"mod_r{r}", r) for r in a.rates]
+    configs = [("dense", None, "lm")] + [(f"mod_r{r}", r, "lm") for r in a.rates]
+    if a.kd:
+        configs = [c for name, rate, _ in configs for c in ((name, rate, "lm"), (f"{name}_kd", rate, "kd"))]
     trainers = []
-    for name, rate in configs:
+    for name, rate, objective in configs:
         tc = TrainConfig(max_steps=a.warmup + a.steps, seq_len=a.seq_len, precision=a.precision, lr=1e-5,
                          router_lr=1e-12 if a.freeze_routers else None, warmup_steps=0, save_every=0,
-                         wandb="disabled", progress=False, per_source_loss=False)
+                         wandb="disabled", progress=False, per_source_loss=False, objective=objective)
         mc = MoDConfig(router_init="zero", alpha=0.0, threshold=0.5)
         hook = None if rate is None else (lambda tr, m, rate=rate: calibrate(tr, m, rate, n_rows=a.warmup + a.steps))
         t = Trainer(RunSpec(model=model, out=str(out / name), ds=a.ds, recipe=a.recipe, dense=rate is None),
@@ -98,6 +106,7 @@ def run_train_bench(a: TrainBenchConfig) -> dict:
     losses_seen = {name: [] for name, _, _ in trainers}
     for step in range(a.warmup + a.steps):
         for name, rate, t in trainers:
+            t.stream.fill(t.tc.micro_batch_size * t.tc.grad_accum)  # the step's rows, taken before the clock
             t0 = time.perf_counter()
             m = t.train_step(False)
             dt = time.perf_counter() - t0
@@ -114,11 +123,14 @@ def run_train_bench(a: TrainBenchConfig) -> dict:
                         "median_step_s": step_t, "tokens_per_s": a.seq_len / step_t, "step_times_s": times[name],
                         "realised_rate": statistics.mean(rates_seen[name]), "lm_loss": losses_seen[name][-1]})
     dense = results[0]["tokens_per_s"]
-    print(f"\n{'config':<12} {'realised rate':>13} {'step s':>8} {'tokens/s':>9} {'vs dense':>9}")
+    plain = {r["config"]: r["median_step_s"] for r in results}
+    print(f"\n{'config':<14} {'realised rate':>13} {'step s':>8} {'tokens/s':>9} {'vs dense':>9} {'vs plain':>9}")
     for r in results:
         r["speedup_vs_dense"] = r["tokens_per_s"] / dense
-        print(f"{r['config']:<12} {r['realised_rate']:>13.3f} {r['median_step_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['speedup_vs_dense']:>8.2f}x")
+        if r["config"].endswith("_kd"):  # the KD step against the same configuration's LM step
+            r["step_vs_plain"] = r["median_step_s"] / plain[r["config"][:-3]]
+        print(f"{r['config']:<14} {r['realised_rate']:>13.3f} {r['median_step_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
+              f"{r['speedup_vs_dense']:>8.2f}x" + (f" {r['step_vs_plain']:>8.2f}x" if "step_vs_plain" in r else ""))
     path = Path(a.json or out / "results.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     res = {"config": vars(a), "results": results}
