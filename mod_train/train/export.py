@@ -1,5 +1,6 @@
 """Checkpoint -> HF directory (config, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained`
-loads after `import mod_train`. Needs only the checkpoint: the dense model's config and the run's
+loads after `import mod_train`. A LoRA run's adapters are merged into the base weights: the directory holds a plain
+MoD model, as after a full run. Needs only the checkpoint: the dense model's config and the run's
 tokenizer (the one that tokenised the data) are saved in its `hf/` folder.
 
 Weights come from, in order of preference: the consolidated 16-bit state written at save time when
@@ -16,6 +17,7 @@ import torch
 
 from mod_train.paths import MissingPathError
 from mod_train.train import checkpoint as ckpt
+from mod_train.train import lora
 
 
 def resolve(path) -> tuple[Path, str]:
@@ -69,6 +71,8 @@ def export(path, dest, dtype: str | None = None, tag: str | None = None) -> Path
         config = mod_hf_config(config, MoDConfig.from_dict(meta["mod"]))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if meta["train"].get("trainable") == "lora":  # the adapters as trained, merged below
+            lora.apply(model, lora.recorded(meta["train"]))
     model = model.to_empty(device="cpu")
     res = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
@@ -79,6 +83,7 @@ def export(path, dest, dtype: str | None = None, tag: str | None = None) -> Path
         raise RuntimeError(f"checkpoint {root / tag} does not match the model: missing {missing[:8]}, "
                            f"unexpected {res.unexpected_keys[:8]}")
     model.tie_weights()
+    lora.merge(model)
     # non-persistent buffers (RoPE inv_freq) are not saved; from_pretrained recomputes them
     if dtype is None:
         dtype = "bfloat16" if meta["train"]["precision"] == "bf16" else "float32"
