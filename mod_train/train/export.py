@@ -50,7 +50,18 @@ def load_state_dict(root: Path, tag: str, meta: dict) -> dict:
         st = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return st["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    return _with_frozen(d, get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+
+
+def _with_frozen(d: Path, sd: dict) -> dict:
+    """`sd` completed by the parameters that did not train (trainable routers/lora): under ZeRO-1 DeepSpeed
+    saves no fragments of frozen parameters, so zero_to_fp32 leaves them out; they are whole in the module state
+    of rank 0 (as the model held them). Under ZeRO-2/3 zero_to_fp32 has them already and nothing is added."""
+    if not (d / "mp_rank_00_model_states.pt").is_file():  # ZeRO-3 names its module states per rank
+        return sd
+    st = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    frozen = {k: v for k, v in st["module"].items() if k not in sd and v.numel() > 0}
+    return {**frozen, **sd}
 
 
 def export(path, dest, dtype: str | None = None, tag: str | None = None) -> Path:
