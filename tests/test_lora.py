@@ -175,3 +175,17 @@ def test_lora_under_zero_2_and_3_trains_and_exports(stage, tmp_path):
     saved = load_file(export(tmp_path / "run", tmp_path / "export") / "model.safetensors")
     assert set(saved) == set(orig) | {k for k in sd if "router" in k}
     assert any(not torch.equal(saved[k], v) for k, v in orig.items() if "_proj" in k)  # adapters merged in
+
+
+def test_memory_plan_counts_adapters_and_no_teacher_copy():
+    """Llama-3-8B, r=16 on all seven projections: 42M adapter parameters, 32 layers x 16 x (q, o: 4096 + 4096;
+    k, v: 4096 + 1024; gate, up, down: 4096 + 14336); optimizer state for those only, no frozen teacher copy."""
+    from mod_train.config import TrainConfig
+    from mod_train.parallel import memory
+    c, ds = memory.PRESETS["llama3-8b"], {"zero_optimization": {"stage": 1}}
+    assert memory.count_lora_params(c, 16, TrainConfig().lora_target_modules) == 41_943_040
+    plan = {t: memory.plan_from(c, ds, TrainConfig(trainable=t, objective="lm+kd", precision="bf16"), 8)
+            for t in ("full", "routers", "lora")}
+    assert plan["lora"].teacher == plan["routers"].teacher == 0 < plan["full"].teacher
+    assert plan["lora"].optim - plan["routers"].optim == pytest.approx(41_943_040 * 12 / 8, rel=1e-6)
+    assert plan["lora"].optim < plan["full"].optim / 100
