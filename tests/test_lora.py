@@ -189,3 +189,19 @@ def test_memory_plan_counts_adapters_and_no_teacher_copy():
     assert plan["lora"].teacher == plan["routers"].teacher == 0 < plan["full"].teacher
     assert plan["lora"].optim - plan["routers"].optim == pytest.approx(41_943_040 * 12 / 8, rel=1e-6)
     assert plan["lora"].optim < plan["full"].optim / 100
+
+
+@pytest.mark.slow
+def test_lora_zero3_two_ranks_match_one_process(tmp_path):
+    """ZeRO-3 on 2 ranks: the adapters (created from the same seed on each rank, partitioned by the engine) and the
+    free teacher give the losses of one unpartitioned process with the same global batch."""
+    stage0 = {"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+    tiny = make_tiny_model(tmp_path / "model")
+    run_ranks(train_worker, 1, tiny, tmp_path / "ref", stage0, {**LORA, "grad_accum": 2})
+    run_ranks(train_worker, 2, tiny, tmp_path / "z3", "ds_configs/zero3.json", LORA)
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "z3")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        for k in ("loss/lm", "loss/kd", "loss/aux"):
+            assert a[s][k] == pytest.approx(b[s][k], rel=2e-5, abs=1e-6), (s, k, a[s][k], b[s][k])
+    assert a[3]["loss/kd"] > 0
