@@ -190,6 +190,10 @@ def _bad(cls: str, name: str, value, fix: str) -> ConfigError:
     return ConfigError(f"{where}.{name} = {value!r}: {fix}")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""TrainConfig.lora_target_modules' default: the attention and MLP projections of a Llama-shaped decoder layer."""
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
@@ -218,10 +222,19 @@ class TrainConfig:
     """Global gradient-norm clipping threshold (0 disables)."""
     precision: Literal["bf16", "fp32", "fp16"] = "bf16"
     """'bf16' or 'fp32' ('fp16' is refused on CPU and discouraged on GPU)."""
-    trainable: Literal["full", "routers", "routers+modules"] = "full"
-    """'full' (all parameters), 'routers' (routers only) or 'routers+modules' (routers + `train_modules`)."""
+    trainable: Literal["full", "routers", "routers+modules", "lora"] = "full"
+    """'full' (all parameters), 'routers' (routers only), 'routers+modules' (routers + `train_modules`) or 'lora'
+    (routers + LoRA adapters on `lora_target_modules`, the base weights frozen; the export merges the adapters)."""
     train_modules: list[str] = field(default_factory=list)
     """Name substrings of extra modules trained with trainable='routers+modules' (e.g. ['norm', 'mlp'])."""
+    lora_rank: int = 16
+    """trainable='lora': rank r of each adapter (the update is B @ A with A [r, in], B [out, r])."""
+    lora_alpha: float = 32.0
+    """trainable='lora': adapter scale numerator; the update is multiplied by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """trainable='lora': dropout on the adapters' input, in [0, 1)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """trainable='lora': names (last component) of the linear layers that get adapters; routers always train fully."""
     grad_checkpointing: bool = False
     """Recompute decoder layers in backward to save activation memory."""
     objective: Literal["lm", "kd", "lm+kd"] = "lm"
@@ -274,6 +287,7 @@ class TrainConfig:
         _check_choices(self)
         if self.trainable == "routers+modules" and not self.train_modules:
             bad("train_modules", "trainable='routers+modules' needs a non-empty list, e.g. ['mlp']")
+        self._validate_lora(bad)
         for name in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "keep_last"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -301,6 +315,20 @@ class TrainConfig:
             bad("rate_warmup_steps", "must be >= 0 (0: no anneal)")
         if not 0 < self.rate_start <= 1:
             bad("rate_start", "an execution rate lies in (0, 1]")
+
+    def _validate_lora(self, bad) -> None:
+        """The LoRA fields (checked whatever `trainable` is, so a typo never waits for the switch to 'lora')."""
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            bad("lora_rank", "the adapter rank must be an integer >= 1, e.g. 16")
+        if not self.lora_alpha > 0:
+            bad("lora_alpha", "the adapter scale must be > 0, e.g. 32 (twice the rank)")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "a dropout probability lies in [0, 1), e.g. 0.05")
+        targets = self.lora_target_modules
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+            bad("lora_target_modules", "give a non-empty list of linear-layer names, e.g. ['q_proj', 'v_proj']")
+        if any("router" in t for t in targets):
+            bad("lora_target_modules", "routers always train fully under trainable='lora'; remove them from the list")
 
     @property
     def uses_teacher(self) -> bool:

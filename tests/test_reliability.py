@@ -457,6 +457,7 @@ def test_every_train_setting_is_either_applied_or_refused_on_resume():
     import dataclasses
     from mod_train.config import TrainConfig
     own_keys = {"precision", "trainable", "train_modules", "seq_len"}  # fingerprinted under their own names
+    own_keys |= {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"}  # under trainable.lora
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert fields == set(ckpt.MAY_CHANGE) | set(ckpt.TRAIN_FIXED) | own_keys
     assert not set(ckpt.MAY_CHANGE) & (set(ckpt.TRAIN_FIXED) | own_keys)

@@ -71,8 +71,9 @@ class AblationConfig:
     """Linear warm-up steps."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision ('fp32' or 'bf16')."""
-    trainable: Literal["full", "routers", "routers+modules"] = "full"
-    """'full', 'routers' or 'routers+modules' (TrainConfig.trainable)."""
+    trainable: Literal["full", "routers", "routers+modules", "lora"] = "full"
+    """'full', 'routers', 'routers+modules' or 'lora' (TrainConfig.trainable; lora_* fields via train_overrides;
+    a LoRA variant's adapters are merged before it is evaluated or saved)."""
     seed: int = 1234
     """Seed of the data order and of every run."""
     target_rate: float = 0.5
@@ -172,6 +173,7 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
     """Train one variant with the project's trainer (one plain process, world of one); returns the module.
     `mod_cfg` None trains `model_path` as a dense model; `over` holds the variant's 'train' / 'init' changes."""
     from mod_train.config import RunSpec, TrainConfig
+    from mod_train.train import lora
     from mod_train.train.logger import read_metrics
     from mod_train.train.trainer import Trainer
     over = over or {}
@@ -199,6 +201,7 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    lora.merge(model)  # a LoRA variant becomes a plain MoD model (no-op without adapters)
     m = read_metrics(run / "metrics.jsonl")
     last = m[max(m)] if m else {}
     info = {"status": status["status"], "train_seconds": secs, "final_lm_loss": last.get("loss/lm"),

@@ -78,6 +78,16 @@ def count_params(c: dict) -> tuple[float, float, float]:
     return L * layer + emb + d, layer, emb
 
 
+def count_lora_params(c: dict, rank: int, targets) -> float:
+    """Adapter parameters (A [r, in] + B [out, r] per adapted projection) of a Llama-family config."""
+    d, f, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    h, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    hd = c.get("head_dim") or d // h
+    shapes = {"q_proj": (d, h * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd), "o_proj": (h * hd, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    return L * sum(rank * sum(shapes[t]) for t in set(targets) if t in shapes)
+
+
 def estimate(c: dict, *, zero_stage: int, dp: int, tp: int = 1, pp: int = 1, precision: str = "bf16",
              micro_batch: int = 1, seq_len: int = 4096, grad_ckpt: bool = True, offload_optimizer: bool = False,
              offload_param: bool = False, trainable_fraction: float = 1.0, teacher_copy: bool = False) -> Estimate:
@@ -139,10 +149,12 @@ def plan_from(model_cfg: dict, ds: dict, tc, world_size: int) -> Estimate:
         frac = max(1e-6, (model_cfg["hidden_size"] + 1) * model_cfg["num_hidden_layers"] / 2 / total)
         if tc.trainable == "routers+modules":
             frac = max(frac, 0.5)  # rough upper bound for a chosen subset
+        if tc.trainable == "lora":  # gradients and optimizer state for the adapters (and routers) only
+            frac += count_lora_params(model_cfg, tc.lora_rank, tc.lora_target_modules) / total
     return estimate(model_cfg, zero_stage=int(zo.get("stage", 0)), dp=world_size // (tp * pp), tp=tp, pp=pp,
                     precision=tc.precision, micro_batch=tc.micro_batch_size, seq_len=tc.seq_len or 4096,
                     grad_ckpt=tc.grad_checkpointing,
                     offload_optimizer=zo.get("offload_optimizer", {}).get("device", "none") not in (None, "none"),
                     offload_param=zo.get("offload_param", {}).get("device", "none") not in (None, "none"),
                     trainable_fraction=frac,
-                    teacher_copy=getattr(tc, "uses_teacher", False) and tc.trainable != "routers")
+                    teacher_copy=getattr(tc, "uses_teacher", False) and tc.trainable not in ("routers", "lora"))

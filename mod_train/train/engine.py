@@ -14,6 +14,7 @@ import torch
 
 from mod_train.config import RunSpec, TrainConfig
 from mod_train.parallel import dsconfig
+from mod_train.train import lora
 from mod_train.train.objective import resolve_hidden_layers
 from mod_train.train.optim import param_groups, scheduler, set_trainable
 
@@ -45,15 +46,22 @@ class Built:
 def build_engine(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, tp: int = 1,
                  before_engine: Optional[Callable[[Any], None]] = None) -> Built:
     """Build model and engine for a filled DeepSpeed config `ds`. `before_engine(model)` runs just before
-    deepspeed.initialize (the place to edit parameters: ZeRO-1/2 take their fp32 master copies there)."""
+    deepspeed.initialize (the place to edit parameters: ZeRO-1/2 take their fp32 master copies there).
+    trainable='lora' injects the adapters (train/lora.py) into the built model before anything else sees it."""
     import deepspeed
 
+    if tc.trainable == "lora" and (dsconfig.pp_stages(ds) > 1 or tp > 1):
+        from mod_train.config import ConfigError
+        raise ConfigError("train.trainable = 'lora': LoRA adapters are not supported with pipeline or tensor "
+                          "parallelism; use a ZeRO preset (ds_configs/zero1.json .. zero3.json)")
     if dsconfig.pp_stages(ds) > 1:
         model, keep = _pipeline_module(spec, mod_cfg, ds), None
         mpu = None
     else:
         from mod_train.parallel.zero3 import build_model
         model, keep = build_model(spec.model, mod_cfg, ds, dtype=torch.float32)
+        if tc.trainable == "lora":
+            lora.apply(model, tc)
         if tc.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -90,10 +98,11 @@ def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Bu
     """The dense original's next-token logits for the KD objective, as `teacher(kw) -> logits`, or None.
 
     - Routers only (the base weights never change): the student's own weights with routing off, no copy.
-    - `teacher.model` is the module it runs; `teacher.hidden_layers` the layers of the hidden-state term.
+    - LoRA (the base weights never change either): the student's own weights with routing and adapters off.
     - Otherwise a frozen copy built the way the student is (partitioned under ZeRO-3, no optimizer state) from
       `spec.teacher` or the start model, run as the MoD stack with routing off, so packed documents never
       attend to each other, exactly as in the student.
+    - `teacher.model` is the module it runs; `teacher.hidden_layers` the layers of the hidden-state term.
     """
     if not tc.uses_teacher:
         return None
@@ -101,7 +110,7 @@ def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Bu
     if student.pipeline:
         raise ConfigError("TrainConfig.objective=%r: distillation is not supported with pipeline parallelism; "
                           "use ZeRO-3 or AutoTP" % tc.objective)
-    if tc.trainable == "routers" and spec.teacher is None and mod_cfg is not None:
+    if tc.trainable in ("routers", "lora") and spec.teacher is None and mod_cfg is not None:
         model = student.model
     else:
         import deepspeed
@@ -120,7 +129,7 @@ def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Bu
     _check_vocab(student.model, model)
 
     def teacher(inputs: dict) -> torch.Tensor:
-        with model.routing_disabled():
+        with model.routing_disabled(), lora.adapters_disabled(model):
             return model(**inputs).logits
 
     teacher.model = model  # the hidden-state term reads the teacher's layers through it (objective.capture_hidden)

@@ -1,5 +1,6 @@
 """Checkpoint -> HF directory (config, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained`
-loads after `import mod_train`. Needs only the checkpoint: the dense model's config and the run's
+loads after `import mod_train`. A LoRA run's adapters are merged into the base weights: the directory holds a plain
+MoD model, as after a full run. Needs only the checkpoint: the dense model's config and the run's
 tokenizer (the one that tokenised the data) are saved in its `hf/` folder.
 
 Weights come from, in order of preference: the consolidated 16-bit state written at save time when
@@ -16,6 +17,7 @@ import torch
 
 from mod_train.paths import MissingPathError
 from mod_train.train import checkpoint as ckpt
+from mod_train.train import lora
 
 
 def resolve(path) -> tuple[Path, str]:
@@ -48,7 +50,18 @@ def load_state_dict(root: Path, tag: str, meta: dict) -> dict:
         st = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return st["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    return _with_frozen(d, get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+
+
+def _with_frozen(d: Path, sd: dict) -> dict:
+    """`sd` completed by the parameters that did not train (trainable routers/lora): under ZeRO-1 DeepSpeed
+    saves no fragments of frozen parameters, so zero_to_fp32 leaves them out; they are whole in the module state
+    of rank 0 (as the model held them). Under ZeRO-2/3 zero_to_fp32 has them already and nothing is added."""
+    if not (d / "mp_rank_00_model_states.pt").is_file():  # ZeRO-3 names its module states per rank
+        return sd
+    st = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    frozen = {k: v for k, v in st["module"].items() if k not in sd and v.numel() > 0}
+    return {**frozen, **sd}
 
 
 def export(path, dest, dtype: str | None = None, tag: str | None = None) -> Path:
@@ -69,6 +82,8 @@ def export(path, dest, dtype: str | None = None, tag: str | None = None) -> Path
         config = mod_hf_config(config, MoDConfig.from_dict(meta["mod"]))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if meta["train"].get("trainable") == "lora":  # the adapters as trained, merged below
+            lora.apply(model, lora.recorded(meta["train"]))
     model = model.to_empty(device="cpu")
     res = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
@@ -79,6 +94,7 @@ def export(path, dest, dtype: str | None = None, tag: str | None = None) -> Path
         raise RuntimeError(f"checkpoint {root / tag} does not match the model: missing {missing[:8]}, "
                            f"unexpected {res.unexpected_keys[:8]}")
     model.tie_weights()
+    lora.merge(model)
     # non-persistent buffers (RoPE inv_freq) are not saved; from_pretrained recomputes them
     if dtype is None:
         dtype = "bfloat16" if meta["train"]["precision"] == "bf16" else "float32"

@@ -11,16 +11,20 @@ import torch
 
 from mod_train.config import TrainConfig
 from mod_train.parallel.zero3 import full_shape
+from mod_train.train.lora import LORA_KEY
 
 
 def set_trainable(model, tc: TrainConfig) -> tuple[int, int]:
-    """Set requires_grad per `tc.trainable`; returns (trainable, total) parameter counts (ZeRO-3 aware)."""
+    """Set requires_grad per `tc.trainable`; returns (trainable, total) parameter counts (ZeRO-3 aware).
+    'lora' trains the routers and the adapters (train/lora.py injected them), nothing of the base model."""
     n_train = n_all = 0
     for n, p in model.named_parameters():
         if tc.trainable == "full":
             p.requires_grad_(True)
         elif tc.trainable == "routers":
             p.requires_grad_("router" in n)
+        elif tc.trainable == "lora":
+            p.requires_grad_("router" in n or LORA_KEY in n)
         else:
             p.requires_grad_("router" in n or any(s in n for s in tc.train_modules))
         k = getattr(p, "ds_numel", p.numel())

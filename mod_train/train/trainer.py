@@ -162,7 +162,7 @@ class Trainer:
         return {
             "model": arch,
             "mod": None if self.mod_cfg is None else self.mod_cfg.to_dict(),
-            "trainable": {"mode": tc.trainable, "modules": sorted(tc.train_modules)},
+            "trainable": self._trainable_fingerprint(),
             "precision": tc.precision,
             "zero_stage": dsconfig.zero_stage(self.ds),
             "tensor_parallel": self.tp,
@@ -174,6 +174,15 @@ class Trainer:
             "tokenizer": self.plan.tokenizer_id,
             "train": {k: v for k, v in tc.to_dict().items() if k in ckpt.TRAIN_FIXED},
         }
+
+    def _trainable_fingerprint(self) -> dict:
+        """What trains; under lora also the adapters' shape and scale (a resume must rebuild the same ones)."""
+        tc = self.tc
+        fp = {"mode": tc.trainable, "modules": sorted(tc.train_modules)}
+        if tc.trainable == "lora":
+            fp["lora"] = {"rank": tc.lora_rank, "alpha": tc.lora_alpha, "dropout": tc.lora_dropout,
+                          "targets": sorted(tc.lora_target_modules)}
+        return fp
 
     # ---- checkpoint ----
     def save(self):
