@@ -90,3 +90,12 @@ def test_recovery_variants_and_the_baselines_that_decide(tmp_path):
     assert v["pruned"]["layers"] == 4 - n and not v["pruned"]["trained"] and v["pruned_trained"]["trained"]
     assert v["pruned_trained"]["final_kd_loss"] is not None and v["dense_trained"]["final_kd_loss"] < 1e-6
     assert "static depth pruning, matched compute" in (out / "table.md").read_text()
+    # the quality-vs-compute curve reads these results: MoD and both pruning rows at the same budget
+    from mod_train.experiments.curve import CurveConfig, run_curve
+    rows = run_curve(CurveConfig(results=[str(out / "results.json")], out=str(tmp_path / "curve")))
+    by = {r["series"]: r for r in rows}
+    assert sorted(by) == ["mod", "pruned", "pruned_trained"]
+    assert by["pruned"]["kv_saving"] == by["pruned_trained"]["kv_saving"] == 4 / (4 - n)
+    assert by["mod"]["kv_saving"] == 1 / v["threshold"]["kv_ideal"] and by["mod"]["ppl"] == v["threshold"]["ppl"]
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert "static pruning, trained the same" in (tmp_path / "curve.md").read_text()

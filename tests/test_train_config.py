@@ -53,7 +53,7 @@ def test_yaml_is_typed_by_the_dataclasses(tmp_path):
 
 
 @pytest.mark.parametrize("launcher", ["adapt.py", "main.py", "eval.py", "bench.py", "ablate.py", "export.py",
-                                      "bench_train.py", "build_data.py", "bench_data.py", "fetch_corpus.py",
+                                      "bench_train.py", "build_data.py", "bench_data.py", "fetch_corpus.py", "curve.py",
                                       "slurm/plan.py"])
 def test_every_launcher_is_thin_and_documents_its_fields(launcher, capsys, monkeypatch):
     """--help lists each field with its one-line doc; launchers stay thin and never edit sys.path."""
