@@ -86,7 +86,9 @@ def plot(dense: dict | None, rows: list[dict], path: str) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label, linestyle="-" if key != "pruned" else ":")
         if dense and dense.get(ppl):
-            ax.axhline(dense[ppl], color="grey", linewidth=0.8, label="dense")
+            ax.plot([1.0], [dense[ppl]], marker="*", markersize=10, color="black", linestyle="", label="dense")
+        ax.set_xlim(0.95, max([r[kv] for r in rows] + [1.2]) + 0.1)
+        ax.ticklabel_format(axis="x", useOffset=False)
         ax.set_xlabel("KV cache saving vs dense (x)")
         ax.set_ylabel("held-out perplexity")
         ax.set_yscale("log")
