@@ -167,15 +167,20 @@ def test_routers_only_kd_runs_on_zero3(tiny, tmp_path):
     assert m[1]["loss/kd"] > 0 and math.isfinite(m[2]["loss/kd"])
 
 
+def _bench(model, out):
+    from mod_train.experiments.bench_train import TrainBenchConfig, run_train_bench
+    return run_train_bench(TrainBenchConfig(model=model, seq_len=32, steps=1, warmup=1, rates=[0.5], kd=True,
+                                            ds=str(Path(__file__).resolve().parents[1] / "ds_configs/zero1.json"),
+                                            out=out))
+
+
 def test_train_bench_times_the_kd_step_against_the_plain_step(tiny, tmp_path):
     """launch/bench_train.py --kd: every configuration also runs with a frozen teacher, reported as the ratio of
-    its step time to the same configuration's LM step (the figure in docs/training.md)."""
-    from mod_train.experiments.bench_train import TrainBenchConfig, run_train_bench
-    res = run_train_bench(TrainBenchConfig(model=tiny, seq_len=32, steps=1, warmup=1, rates=[0.5], kd=True,
-                                           ds=str(Path(__file__).resolve().parents[1] / "ds_configs/zero1.json"), out=str(tmp_path / "b")))
+    its step time to the same configuration's LM step (the figure in docs/training.md). In a forked rank: the
+    in-process DeepSpeed groups must not leak into the parent that forks the other tests' ranks."""
+    res = run_ranks(_bench, 1, tiny, str(tmp_path / "b"))[0]
     by = {r["config"]: r for r in res["results"]}
     assert sorted(by) == ["dense", "dense_kd", "mod_r0.5", "mod_r0.5_kd"]
     for name in ("dense_kd", "mod_r0.5_kd"):
         assert by[name]["step_vs_plain"] == pytest.approx(by[name]["median_step_s"] / by[name[:-3]]["median_step_s"])
     assert "step_vs_plain" not in by["dense"] and by["mod_r0.5"]["realised_rate"] < 1.0
-
