@@ -46,6 +46,7 @@ def test_main_job_end_to_end_reduced(tmp_path):
     cfg = json.loads((run / "model" / "config.json").read_text())
     assert cfg["model_type"].startswith("mod_") and cfg["mod"]["target_rate"] == 0.7308 and cfg["mod"]["gate_form"] == "ste"
     assert (run / "eval" / "rate_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "rate_schedule.png").read_bytes()[:4] == b"\x89PNG" and "](rate_schedule.png)" in text
     res = json.loads((run / "eval" / "results.json").read_text())
     assert set(res["ppl"]) == {"32", "64"} and res["ppl"]["64"]["mod"]["ppl"] > 1
     assert len(res["sweep"]["points"]) == 2

@@ -34,6 +34,29 @@ def rate_per_layer(rates: dict[int, dict[int, float]], path: Path, title: str = 
     plt.close(fig)
 
 
+def rate_schedule(metrics: dict[int, dict], path: Path) -> bool:
+    """The training run's scheduled target rate (`routing/target`) against the realised mean rate
+    (`routing/rate_mean`) per step, from metrics.jsonl records {step: metrics}; False if neither was logged."""
+    steps = sorted(s for s, m in metrics.items() if "routing/rate_mean" in m or "routing/target" in m)
+    if not steps:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for key, label, style in (("routing/target", "scheduled target", "--"), ("routing/rate_mean", "realised", "-")):
+        pts = [(s, metrics[s][key]) for s in steps if key in metrics[s]]
+        if pts:
+            ax.plot(*zip(*pts), style, marker=".", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean execution rate (routed layers)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("execution rate: schedule vs realised (training rows)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def routing_map(sel: np.ndarray, layers: list[int], path: Path, title: str = "tokens that ran each routed layer"):
     """sel [routed layers, positions] of 0/1 -> image (dark = executed)."""
     plt = _plt()

@@ -86,7 +86,10 @@ def run_main(cfg: RunConfig) -> str:
     res = run_eval(ev)
     ph.done("evaluation")
 
-    text = render(cfg, status, read_metrics(out / "metrics.jsonl"), res, ph.seconds, ph.total(), torch.__version__)
+    from mod_train.eval.plots import rate_schedule
+    metrics = read_metrics(out / "metrics.jsonl")
+    rate_schedule(metrics, out / "rate_schedule.png")
+    text = render(cfg, status, metrics, res, ph.seconds, ph.total(), torch.__version__)
     (out / "REPORT.md").write_text(text)
     return text
 
@@ -111,12 +114,16 @@ def render(cfg: RunConfig, status, metrics, res, seconds, total, torch_version) 
              f"{os.cpu_count()} CPU cores")
     L.append("")
     L.append("## Adaptation (training split)")
-    L.append("| step | LM loss | aux loss | mean realised rate | tokens/s |")
-    L.append("|---|---|---|---|---|")
+    L.append("| step | LM loss | KD loss | aux loss | target rate | mean realised rate | tokens/s |")
+    L.append("|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for s in sorted({steps[0], *steps[:: max(1, len(steps) // 8)], steps[-1]}):
         m = metrics[s]
-        L.append(f"| {s} | {m.get('loss/lm', float('nan')):.3f} | {m.get('loss/aux', float('nan')):.4f} | "
-                 f"{m.get('routing/rate_mean', float('nan')):.3f} | {m.get('tokens_per_s', float('nan')):.0f} |")
+        L.append(f"| {s} | {m.get('loss/lm', nan):.3f} | {m.get('loss/kd', nan):.3f} | {m.get('loss/aux', nan):.4f} | "
+                 f"{m.get('routing/target', nan):.3f} | {m.get('routing/rate_mean', nan):.3f} | "
+                 f"{m.get('tokens_per_s', nan):.0f} |")
+    L.append("")
+    L.append("The schedule against the realised rate, step by step: [rate_schedule.png](rate_schedule.png).")
     L.append("")
     L.append("## Held-out perplexity, dense original vs MoD (whole held-out documents)")
     L += ppl_table(res)
