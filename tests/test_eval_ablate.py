@@ -73,15 +73,16 @@ def test_recovery_variants_and_the_baselines_that_decide(tmp_path):
     `threshold`, a one-factor variant from variant_overrides, and the baselines: static depth pruning at the
     matched compute, untrained and trained on the same tokens with the same objective, and the dense model
     trained the same. Pruning deletes the layers of lowest block influence, as many as `threshold` skips."""
-    p, out = _ablate(tmp_path, "--variants", "[threshold,lm,pruned,pruned_trained,dense_trained]", "--steps", "2",
+    p, out = _ablate(tmp_path, "--variants", "[threshold,lm,lora,pruned,pruned_trained,dense_trained]", "--steps", "2",
                      "--lr", "1e-3", "--warmup_steps", "0", "--eval_tokens", "64", "--prefill_tokens", "32",
                      "--init", "allocated", "--init_rate", "0.5", "--target_rate", "0.5",
                      "--mod_overrides", '{"layers": "all", "gate_form": "ste", "target_scope": "global"}',
                      "--train_overrides", '{"objective": "kd", "rate_control": "thresholds"}',
-                     "--variant_overrides", '{"lm": {"train": {"objective": "lm"}}}')
+                     "--variant_overrides", '{"lm": {"train": {"objective": "lm"}}, "lora": {"train": {"trainable": "lora"}}}')
     res = json.loads((out / "results.json").read_text())
     v = res["variants"]
-    assert list(v) == ["threshold", "lm", "dense_trained", "pruned", "pruned_trained"]
+    assert list(v) == ["threshold", "lm", "lora", "dense_trained", "pruned", "pruned_trained"]
+    assert v["lora"]["train"]["trainable"] == "lora" and v["lora"]["ppl"] != v["threshold"]["ppl"] > 1
     assert v["threshold"]["train"]["objective"] == "kd" and v["lm"]["train"]["objective"] == "lm"
     assert v["threshold"]["final_kd_loss"] is not None and v["lm"]["final_kd_loss"] is None
     assert v["threshold"]["init"] == "allocated" and v["threshold"]["mod"]["gate_form"] == "ste"
