@@ -49,7 +49,8 @@ def test_yaml_is_typed_by_the_dataclasses(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
         cli.parse(RunConfig, ["--config", str(bad)])
     main = cli.parse(RunConfig, ["--config", "launch/main_cpu.yaml"])
-    assert main.train.lr == 1e-4 and main.mod.target_rate == 0.7308 and main.init == "allocated" and main.eval.lengths
+    assert main.train.lr == 1e-3 and main.train.trainable == "lora" and main.mod.target_rate == 0.7308
+    assert main.init == "allocated" and main.eval.lengths
 
 
 @pytest.mark.parametrize("launcher", ["adapt.py", "main.py", "eval.py", "bench.py", "ablate.py", "export.py",
