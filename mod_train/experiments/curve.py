@@ -84,7 +84,10 @@ def plot(dense: dict | None, rows: list[dict], path: str) -> None:
         for key, label in SERIES.items():
             pts = sorted((r[kv], r[ppl]) for r in rows if r["series"] == key and r[ppl] is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label, linestyle="-" if key != "pruned" else ":")
+                style = {"mod": dict(marker="o", markersize=9, linewidth=3, alpha=0.6),
+                         "pruned_trained": dict(marker="x", markersize=8, linewidth=1.2),
+                         "pruned": dict(marker="o", linestyle=":")}[key]
+                ax.plot(*zip(*pts), label=label, **style)
         if dense and dense.get(ppl):
             ax.plot([1.0], [dense[ppl]], marker="*", markersize=10, color="black", linestyle="", label="dense")
         ax.set_xlim(0.95, max([r[kv] for r in rows] + [1.2]) + 0.1)
