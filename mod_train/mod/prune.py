@@ -79,15 +79,21 @@ def prune_layers(model, drop: list[int]):
             if hasattr(mod, "layer_idx"):
                 mod.layer_idx = new
     cfg = model.config
-    cfg.num_hidden_layers = len(keep)
     # the original's indices of every deleted layer (also over repeated pruning): the hidden-state KD term
     # maps the teacher's layers to the student's through it
-    before = list(getattr(cfg, "pruned_layers", None) or [])
-    orig = [i for i in range(L + len(before)) if i not in set(before)]
-    cfg.pruned_layers = sorted(before + [orig[i] for i in drop])
+    orig = original_layers(cfg)
+    cfg.pruned_layers = sorted(set(getattr(cfg, "pruned_layers", None) or []) | {orig[i] for i in drop})
+    cfg.num_hidden_layers = len(keep)
     if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == L:
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
     return model
+
+
+def original_layers(config) -> list[int]:
+    """The original (unpruned) model's index of each decoder layer a model has now, through
+    config.pruned_layers (prune_layers records it)."""
+    deleted = set(getattr(config, "pruned_layers", None) or [])
+    return [i for i in range(config.num_hidden_layers + len(deleted)) if i not in deleted]
 
 
 def matched_layers(n_routed: int, realised_rate: float) -> int:

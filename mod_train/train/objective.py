@@ -34,7 +34,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
     Written as KL = sum_v p log p - sum_v p s + logsumexp(s) (p the teacher's distribution, s the student's
     logits), so autograd differentiates one logsumexp and one product, gradient softmax(s) - p: no log-softmax
-    of the student and no gathered copies of the logits (2.5x cheaper than F.kl_div on a 49k vocabulary)."""
+    of the student and no gathered copies of the logits (forward + backward on 1024 x 49k logits: 2.7 s
+    against 3.9 s for F.kl_div on the gathered positions)."""
     mask = predicted_mask(labels.to(student_logits.device),
                           None if doc_ids is None else doc_ids.to(student_logits.device))
     n = mask.sum()
@@ -45,8 +46,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     if temperature != 1.0:
         s, t = s / temperature, t / temperature
     with torch.no_grad():
-        p = torch.softmax(t, -1)
-        p_log_p = (p * torch.log_softmax(t, -1)).sum(-1)
+        log_p = torch.log_softmax(t, -1)
+        p = log_p.exp()
+        p_log_p = (p * log_p).sum(-1)
     kl = p_log_p - (p * s).sum(-1) + torch.logsumexp(s, -1)
     return torch.where(mask, kl, torch.zeros_like(kl)).sum() * temperature ** 2 / n
 
@@ -90,12 +92,12 @@ def capture_hidden(model, layers: list[int]):
         with model.hidden_taps(layers) as store:
             yield store
         return
-    deleted = set(getattr(model.config, "pruned_layers", None) or [])
-    gone = [j for j in layers if j in deleted]
+    from mod_train.mod.prune import original_layers
+    kept = original_layers(model.config)
+    gone = [j for j in layers if j not in kept]
     if gone:
         raise ConfigError(f"TrainConfig.kd_hidden_layers: layers {gone} were deleted from the pruned student; "
-                          f"choose layers it kept (deleted: {sorted(deleted)})")
-    kept = [i for i in range(model.config.num_hidden_layers + len(deleted)) if i not in deleted]
+                          f"choose layers it kept ({kept})")
     store: dict[int, torch.Tensor] = {}
     hooks = [model.model.layers[k].register_forward_hook(
         lambda m, a, out, j=j: store.__setitem__(j, out[0] if isinstance(out, tuple) else out))

@@ -6,7 +6,6 @@ rank computes the loss) and a pipeline engine (only the last stage does) report 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -116,7 +115,7 @@ def plain_step(engine, stream, tc, n_layers: int, accepts_doc_ids: bool, per_sou
         if teacher is not None:  # before the student: a routing-off teacher is the student's own module
             with torch.no_grad(), capture_hidden(teacher.model, layers) as t_hidden:
                 t_logits = teacher({k: v for k, v in kw.items() if k != "labels"})
-        with capture_hidden(engine.module, layers) if layers else contextlib.nullcontext({}) as s_hidden:
+        with capture_hidden(engine.module, layers) as s_hidden:
             out = engine(**kw)
         aux_t = out.aux_loss if isinstance(getattr(out, "aux_loss", None), torch.Tensor) else None
         aux = aux_t.detach().float() if aux_t is not None else torch.zeros(())
