@@ -38,7 +38,9 @@ class MoDConfig:
     threshold: float = 0.5
     """p: a token runs a routed layer iff sigmoid gate >= p. Must lie in (0, 1)."""
     layer_thresholds: dict[int, float] = field(default_factory=dict)
-    """Per-layer p overriding `threshold` ({layer_index: p}); written by post-hoc calibration."""
+    """Per-layer p overriding `threshold` ({layer_index: p}); written by post-hoc calibration. p = 1.0 turns the
+    layer off: no token runs it (sinks included), it computes nothing and stores no K/V in either skipped_kv
+    mode (a statically deleted layer; the 'allocated' start writes it for its rate-0 layers)."""
     capacity: float = 0.125
     """Top-k only: fraction of each sequence's valid tokens selected per routed layer, in (0, 1]."""
     layers: LayerSpec = "odd"
@@ -77,6 +79,22 @@ class MoDConfig:
     """Weight of top-k's BCE loss making sigmoid(r) > 0.5 agree with top-k membership."""
     impl: Literal["fast", "reference"] = "fast"
     """'fast' (gather selected tokens, compute, scatter) or 'reference' (full compute with masks)."""
+    sink_tokens: int = 0
+    """The first n tokens of every document (position ids 0..n-1) run every routed layer whatever their gate, in
+    training, prefill and decode (the attention sink); counted in rates and KV; top-k selects outside them."""
+    skipped_kv: Literal["drop", "keep"] = "drop"
+    """What a skipped token leaves in a routed layer: 'drop' (the paper: no K/V; executed tokens attend to executed
+    tokens only) or 'keep' (K/V from its layer input are computed and cached, so executed tokens attend to every
+    token; saves Q, attention, O and MLP of skipped tokens but no KV, except in layers that are off, p = 1)."""
+    rate_hold: Literal["off", "window"] = "off"
+    """'window': routed layer j runs token t iff its logit ranks in the top layer_rates[j] share of the last
+    rate_window logits of its document (itself included): a causal per-sequence threshold that holds each layer's
+    rate on any text. Layers without a layer_rates entry, and 'off', use the fixed threshold p_j."""
+    rate_window: int = 256
+    """Tokens (of the same document, padding excluded) whose logits set a token's threshold under rate_hold."""
+    layer_rates: dict[int, float] = field(default_factory=dict)
+    """Per-layer target execution rates ({layer_index: rate in [0, 1]}) that rate_hold='window' realises; written by
+    the 'routed' start and by calibrate_thresholds."""
 
     def __post_init__(self):
         self.validate()
@@ -93,6 +111,8 @@ class MoDConfig:
             "gate": ("auto", "submodule", "block"),
             "topk_weight": ("sigmoid", "logit"),
             "impl": ("fast", "reference"),
+            "skipped_kv": ("drop", "keep"),
+            "rate_hold": ("off", "window"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -101,8 +121,23 @@ class MoDConfig:
             bad("threshold", f"p={self.threshold} must lie strictly between 0 and 1 (default 0.5)")
         self.layer_thresholds = {int(k): float(v) for k, v in dict(self.layer_thresholds).items()}
         for k, v in self.layer_thresholds.items():
-            if not (0.0 < v < 1.0):
-                bad("layer_thresholds", f"layer {k}: p={v} must lie strictly between 0 and 1")
+            if not (0.0 < v <= 1.0):
+                bad("layer_thresholds", f"layer {k}: p={v} must lie in (0, 1) (or be 1.0: the layer is off)")
+        self.layer_rates = {int(k): float(v) for k, v in dict(self.layer_rates).items()}
+        for k, v in self.layer_rates.items():
+            if not (0.0 <= v <= 1.0):
+                bad("layer_rates", f"layer {k}: rate {v} must lie in [0, 1]")
+        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            bad("sink_tokens", f"{self.sink_tokens!r} must be an integer >= 0 (0: no sink; 1-4 keeps the attention "
+                "sink, the first tokens of every document)")
+        if isinstance(self.rate_window, bool) or not isinstance(self.rate_window, int) or self.rate_window < 1:
+            bad("rate_window", f"{self.rate_window!r} must be an integer >= 1, e.g. 256")
+        if self.rate_hold == "window" and not self.layer_rates:
+            bad("rate_hold", "'window' holds the rates in layer_rates, which is empty: set layer_rates "
+                "({layer: rate}), start from init 'routed', or run calibrate_thresholds(..., hold=True)")
+        if self.rate_hold == "window" and self.routing != "threshold":
+            bad("rate_hold", "'window' replaces the thresholds of threshold routing; top-k already fixes each "
+                "sequence's rate by its capacity: use rate_hold 'off' with routing 'topk'")
         if not (0.0 < float(self.capacity) <= 1.0):
             bad("capacity", f"{self.capacity} must lie in (0, 1] (MoD's best setting is 0.125)")
         if not (0.0 < self.dense_init_gate < 1.0):
@@ -155,6 +190,14 @@ class MoDConfig:
     def threshold_for(self, layer: int) -> float:
         return self.layer_thresholds.get(int(layer), self.threshold)
 
+    def is_off(self, layer: int) -> bool:
+        """Layer `layer` is off (p = 1): no token runs it, nothing is computed or stored."""
+        return self.threshold_for(layer) >= 1.0
+
+    def held_rate(self, layer: int) -> float | None:
+        """The rate rate_hold='window' realises in `layer`, or None when its fixed threshold decides."""
+        return self.layer_rates.get(int(layer)) if self.rate_hold == "window" else None
+
     @property
     def gate_mode(self) -> str:
         """Resolved gate placement: MoDification gates sub-modules, classic MoD the whole block."""
@@ -170,6 +213,7 @@ class MoDConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_thresholds"] = {str(k): v for k, v in self.layer_thresholds.items()}
+        d["layer_rates"] = {str(k): v for k, v in self.layer_rates.items()}
         return d
 
     @classmethod

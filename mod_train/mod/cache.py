@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mod_train.mod.attention import Slots
+from mod_train.mod.router import History
 
 
 class _LayerKV:
@@ -74,6 +75,7 @@ class MoDCache:
 
     def __init__(self, num_layers: int):
         self.layers = [_LayerKV() for _ in range(num_layers)]
+        self.routes: dict[int, History] = {}  # rate_hold='window': each routed layer's last logits per row
         self.seen = 0  # tokens processed per row (dense positions, padding included)
         self._is_user_defined = False
 
@@ -94,15 +96,35 @@ class MoDCache:
     def crop(self, max_length: int):
         raise NotImplementedError("MoDCache cannot be cropped: assisted/speculative decoding is not supported")
 
+    def route_history(self, layer: int) -> History | None:
+        """The logits that routed `layer` in earlier calls, per row (None before the first)."""
+        return self.routes.get(layer)
+
+    def push_route_history(self, layer: int, z: torch.Tensor, valid: torch.Tensor | None, window: int) -> None:
+        """Keep the last window - 1 logits of `layer` per row (with their validity): the start of the next
+        tokens' windows."""
+        v = torch.ones_like(z, dtype=torch.bool) if valid is None else valid
+        old = self.routes.get(layer)
+        if old is not None:
+            z, v = torch.cat([old.z, z.detach()], 1), torch.cat([old.valid, v], 1)
+        self.routes[layer] = History(z.detach()[:, -(window - 1):] if window > 1 else z.detach()[:, :0],
+                                     v[:, -(window - 1):] if window > 1 else v[:, :0])
+
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for j, r in self.routes.items():
+            self.routes[j] = History(r.z.index_select(0, beam_idx.to(r.z.device)),
+                                     r.valid.index_select(0, beam_idx.to(r.z.device)))
         for L in self.layers:
             if L.k is not None:
                 for name in ("k", "v", "pos", "valid", "length"):
                     setattr(L, name, getattr(L, name).index_select(0, beam_idx.to(L.k.device)))
 
     # -- used by the model ---------------------------------------------------------------------------
-    def update(self, layer: int, k, v, s: Slots, counts: torch.Tensor):
-        """Append, then return all keys/values of the layer with their slots."""
+    def update(self, layer: int, k, v, s: Slots, counts: torch.Tensor | None):
+        """Append (row b keeps counts[b] of the new slots; None: all), then return all keys/values of the layer
+        with their slots."""
+        if counts is None:
+            counts = torch.full((k.shape[0],), k.shape[2], dtype=torch.long, device=k.device)
         L = self.layers[layer]
         L.append(k, v, s, counts)
         return L.view()

@@ -53,29 +53,40 @@ def calibrate_thresholds(model, batches, target_rate: float, layers: list[int] |
     calibrated thresholds.
     scope 'global': one compute budget: all thresholds move by one common shift in logit space, so the mean
     rate over the routed layers is `target_rate` and each layer keeps its own share (the trained allocation of
-    a target_scope='global' model). The shift is found by bisection, each step a pass over the batches."""
+    a target_scope='global' model). The shift is found by bisection, each step a pass over the batches.
+    Off layers (p = 1) stay off and count as rate 0 in the budget. Sinks always run, so each layer's threshold is
+    set for the rest of its target. Under rate_hold='window' the target is written to layer_rates ('layer'), or
+    every held rate is scaled by one factor ('global')."""
     if not (0.0 < target_rate <= 1.0):
         raise ValueError(f"target_rate {target_rate} must lie in (0, 1]")
     cfg = model.mod_config
     if cfg.routing != "threshold":
         raise ValueError("post-hoc calibration applies to threshold routing; for top-k set capacity instead")
+    if scope == "global" and cfg.rate_hold == "window":  # held rates: one common factor, no data needed
+        held = {j: cfg.layer_rates[j] for j in model.routed_layers if j in cfg.layer_rates and not cfg.is_off(j)}
+        k = target_rate * len(model.routed_layers) / max(sum(held.values()), 1e-12)
+        model.set_mod_config(dataclasses.replace(cfg, layer_rates={**cfg.layer_rates,
+                                                                   **{j: min(1.0, r * k) for j, r in held.items()}}))
+        return dict(model.mod_config.layer_thresholds)
     if scope == "global":
         return _calibrate_global(model, batches, target_rate)
     thresholds = dict(cfg.layer_thresholds)
     for i, layer, states in _routed_walk(model, batches):
-        if layers is not None and i not in layers:
+        if (layers is not None and i not in layers) or cfg.is_off(i):
             continue
-        logits = []
+        logits, n_all = [], 0
         for h, meta in states:
             z = layer.router(router_input(layer, h, cfg.router_input))
-            valid = meta.slots.valid
-            logits.append(z[valid] if valid is not None else z.reshape(-1))
+            logits.append(z[_routable(meta, cfg, z)])
+            n_all += int(meta.slots.valid.sum()) if meta.slots.valid is not None else z.numel()
         z = torch.cat(logits).double()
+        # sinks always run: the routed tokens make up the rest of the target
+        r = min(1.0, max(0.0, (target_rate * n_all - (n_all - z.numel())) / max(z.numel(), 1)))
         # the (1 - target) quantile of the logits (not of the gates, which saturate in fp32), as p in
         # float64; selection compares logits, so p this close to 0 or 1 keeps its meaning
-        q = rate_quantile(z, target_rate)
-        thresholds[i] = threshold_p(q)
-        cfg = dataclasses.replace(cfg, layer_thresholds=thresholds)
+        thresholds[i] = threshold_p(rate_quantile(z, r) if r > 0 else float(z.max()) + SKIP_MARGIN)
+        cfg = dataclasses.replace(cfg, layer_thresholds=thresholds,
+                                  layer_rates={**cfg.layer_rates, i: r} if cfg.rate_hold == "window" else cfg.layer_rates)
         model.set_mod_config(cfg)
     return thresholds
 
@@ -84,7 +95,7 @@ def _calibrate_global(model, batches, target_rate: float, iters: int = 12) -> di
     """Bisection on one logit shift of every routed layer's threshold until the mean realised rate over the
     routed layers (routing as set, layers in order) is target_rate on `batches`."""
     base = model.mod_config
-    theta = {j: logit(base.threshold_for(j)) for j in model.routed_layers}
+    theta = {j: logit(base.threshold_for(j)) for j in model.routed_layers if not base.is_off(j)}
 
     def mean_rate(shift: float) -> float:
         model.set_mod_config(dataclasses.replace(base, layer_thresholds={j: threshold_p(t + shift) for j, t in theta.items()}))
@@ -131,6 +142,9 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3,
     (token, layer) pair whose predicted update is among the largest `rate` share of all of them runs, so
     layers that barely change the hidden state run few tokens and important ones most. The routers are
     measured on the hidden states of the model as it is when called (dense init: the dense model's).
+    Sink tokens (MoDConfig.sink_tokens) always run, so they are left out of the fit and of the ranking. With a
+    per-layer or pooled `rate`, the allocation is written to MoDConfig.layer_rates (what rate_hold='window'
+    holds on any text) and layers allocated rate 0 are turned off (p = 1: static deletion, no K/V in any mode).
     Returns the probe's R^2 per layer. `batches`: dicts with input_ids (optional attention_mask, and
     position_ids restarting at 0 at each packed document)."""
     rates = rate if isinstance(rate, dict) else None
@@ -148,7 +162,7 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3,
             upd = dense_layer(layer, i, h, meta, model.config) - h
             y = torch.log(upd.float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-6))
             x = router_input(layer, h, cfg.router_input)
-            keep = meta.slots.valid if meta.slots.valid is not None else torch.ones_like(y, dtype=torch.bool)
+            keep = _routable(meta, cfg, y)
             xs.append(x.float()[keep].double())
             ys.append(y[keep].double())
         X, y = torch.cat(xs), torch.cat(ys)
@@ -176,10 +190,23 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3,
         allpred = torch.cat([p[-1] for p in probes])
         scale = 1.0 / allpred.std().clamp(min=1e-6)
         centre = rate_quantile(allpred.float(), rate)
-        for i, r, w, mx, my, _ in probes:  # z = scale * (predicted update - centre) + logit(p_i)
+        for i, r, w, mx, my, pred in probes:  # z = scale * (predicted update - centre) + logit(p_i)
             r.weight.copy_((w * scale).to(r.weight.dtype)[None])
             r.bias.fill_(float(scale * (my - mx @ w - centre) + logit(cfg.threshold_for(i))))
+        rates = {i: float((pred >= centre).double().mean()) for i, *_, pred in probes}
+    if rates is not None:  # the allocation: held by rate_hold='window'; a layer at rate 0 is off (p = 1)
+        off = {i: 1.0 for i, v in rates.items() if v <= 0}
+        model.set_mod_config(dataclasses.replace(cfg, layer_rates={**cfg.layer_rates, **rates},
+                                                 layer_thresholds={**cfg.layer_thresholds, **off}))
     return fit
+
+
+def _routable(meta, cfg, like: torch.Tensor) -> torch.Tensor:
+    """Bool [B, S]: the tokens a router decides for (valid, not a sink, which always runs)."""
+    keep = meta.slots.valid if meta.slots.valid is not None else torch.ones_like(like, dtype=torch.bool)
+    if cfg.sink_tokens > 0:
+        keep = keep & (meta.slots.pos >= cfg.sink_tokens)
+    return keep
 
 
 @torch.no_grad()

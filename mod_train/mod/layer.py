@@ -9,6 +9,10 @@ Routed layer, gate g per token (MoDification, gate='submodule'):
     skipped token: h'' = h        (no attention, no MLP, no K/V written)
 gate='block' (classic MoD):  h'' = h + w * (a + MLP(LN2(h + a)))
 
+skipped_kv='keep': every token's K/V are computed from LN1(h) (and cached), so Attn above runs the selected
+tokens' queries over every token's keys; a skipped token's output is still h. What is saved is Q, attention, O
+and the MLP of skipped tokens.
+
 `fast`: gather the selected tokens of every row into a [B, n_max] layout (order and position ids
 kept), compute, scatter back. `reference`: compute every token with masks, then keep the selected
 ones; tests check that both give the same outputs and gradients.
@@ -18,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 from mod_train.mod.attention import Slots, attend
 
@@ -43,15 +47,45 @@ def _window(layer, config) -> int | None:
     return w
 
 
-def _qkv(attn, x, cos, sin):
-    """Projections of the HF attention module, RoPE at the slots' original positions."""
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+def _rope(x, cos, sin):
+    """RoPE of x [B, H, L, D] at the slots' positions (cos/sin [B, L, D])."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def _heads(proj, x, head_dim):
+    return proj(x).view(*x.shape[:-1], -1, head_dim)
+
+
+def _q(attn, x, cos, sin):
+    """Queries of the HF attention module [B, H, L, D], RoPE at the slots' original positions."""
+    q = _heads(attn.q_proj, x, attn.head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
+        q = attn.q_norm(q)
+    return _rope(q.transpose(1, 2), cos, sin)
+
+
+def _kv(attn, x, cos, sin):
+    """Keys (RoPE applied) and values [B, Hkv, L, D]."""
+    k, v = _heads(attn.k_proj, x, attn.head_dim), _heads(attn.v_proj, x, attn.head_dim)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    return _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+
+def _qkv(attn, x, cos, sin):
+    return (_q(attn, x, cos, sin), *_kv(attn, x, cos, sin))
+
+
+def _attend_cached(attn, idx, q, k, v, slots: Slots, kslots: Slots, cache, counts, window, self_attention):
+    """Attention of queries q (slots `slots`) over keys k/v (slots `kslots`); with a cache, k/v are appended first
+    (row b keeps counts[b] of them) and the queries attend to everything the layer has stored."""
+    if cache is None:
+        return attend(q, k, v, slots, kslots, attn.scaling, self_attention, window)
+    first = cache.is_empty(idx)
+    k, v, stored = cache.update(idx, k, v, kslots, counts)
+    simple = self_attention and first and stored.pos.shape[1] == slots.pos.shape[1] and slots.valid is None
+    return attend(q, k, v, slots, stored, attn.scaling, simple, window)
 
 
 def attention(layer, idx: int, x: torch.Tensor, slots: Slots, cos, sin, cache, config,
@@ -62,16 +96,7 @@ def attention(layer, idx: int, x: torch.Tensor, slots: Slots, cos, sin, cache, c
     attend to everything the layer has stored."""
     attn = layer.self_attn
     q, k, v = _qkv(attn, x, cos, sin)
-    window = _window(layer, config)
-    if cache is None:
-        out = attend(q, k, v, slots, slots, attn.scaling, True, window)
-    else:
-        first = cache.is_empty(idx)
-        if counts is None:
-            counts = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-        k, v, kslots = cache.update(idx, k, v, slots, counts)
-        out = attend(q, k, v, slots, kslots, attn.scaling, first and kslots.pos.shape[1] == slots.pos.shape[1]
-                     and slots.valid is None, window)
+    out = _attend_cached(attn, idx, q, k, v, slots, slots, cache, counts, _window(layer, config), True)
     return attn.o_proj(out.reshape(*x.shape[:-1], -1))
 
 
@@ -96,14 +121,18 @@ def _gated(layer, h, a, w, gate_mode):
 
 
 def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: torch.Tensor, w: torch.Tensor,
-                      gate_mode: str, config, always_compute: bool = False) -> torch.Tensor:
+                      gate_mode: str, config, always_compute: bool = False, keep_kv: bool = False) -> torch.Tensor:
     """Gather -> compute -> scatter. Rows may select different numbers of tokens. When no token is
-    selected the layer is skipped, unless `always_compute` (distributed runs): then one masked slot is
-    computed so every rank calls every sub-module and ZeRO-3 / TP collectives never hang."""
+    selected the layer is skipped (with `keep_kv` and a cache, every token's K/V are still stored), unless
+    `always_compute` (distributed runs): then one masked slot is computed so every rank calls every sub-module
+    and ZeRO-3 / TP collectives never hang. `keep_kv`: skipped_kv='keep' (see the module docstring)."""
     B, S, d = h.shape
     counts = sel.sum(1)
     n = int(counts.max())
     if n == 0 and not always_compute:
+        if keep_kv and meta.cache is not None:
+            k, v = _kv(layer.self_attn, layer.input_layernorm(h), meta.cos, meta.sin)
+            meta.cache.update(idx, k, v, meta.slots, None)
         return h
     n = max(n, 1)
     # stable sort puts each row's selected tokens first, in their original order
@@ -115,7 +144,15 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
     ws = w.gather(1, idx_sel)[..., None].to(h.dtype)
     cs = meta.cos.gather(1, idx_sel[..., None].expand(B, n, meta.cos.shape[-1]))
     sn = meta.sin.gather(1, idx_sel[..., None].expand(B, n, meta.sin.shape[-1]))
-    a = attention(layer, idx, layer.input_layernorm(hs), slots, cs, sn, meta.cache, config, counts)
+    if keep_kv:  # K/V of every token, queries of the selected ones
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        k, v = _kv(attn, x, meta.cos, meta.sin)
+        q = _q(attn, x.gather(1, idx_sel[..., None].expand(B, n, d)), cs, sn)
+        o = _attend_cached(attn, idx, q, k, v, slots, meta.slots, meta.cache, None, _window(layer, config), False)
+        a = attn.o_proj(o.reshape(B, n, -1))
+    else:
+        a = attention(layer, idx, layer.input_layernorm(hs), slots, cs, sn, meta.cache, config, counts)
     out = _gated(layer, hs, a, ws, gate_mode)
     if not full:  # padding slots point at unselected tokens: write their own value back
         out = torch.where(slot_ok[..., None], out, hs)
@@ -123,12 +160,13 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
 
 
 def routed_layer_reference(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: torch.Tensor, w: torch.Tensor,
-                           gate_mode: str, config) -> torch.Tensor:
-    """Every token computed; keys restricted to selected tokens; unselected outputs discarded."""
+                           gate_mode: str, config, keep_kv: bool = False) -> torch.Tensor:
+    """Every token computed; keys restricted to selected tokens (every valid token with `keep_kv`); unselected
+    outputs discarded."""
     if meta.cache is not None:
         raise ValueError("the reference path has no KV cache; use impl='fast' for generation")
     s = meta.slots
-    ksl = Slots(s.pos, s.doc, sel if s.valid is None else sel & s.valid)
+    ksl = s if keep_kv else Slots(s.pos, s.doc, sel if s.valid is None else sel & s.valid)
     attn = layer.self_attn
     q, k, v = _qkv(attn, layer.input_layernorm(h), meta.cos, meta.sin)
     o = attend(q, k, v, s, ksl, attn.scaling, False, _window(layer, config))

@@ -156,12 +156,18 @@ class MoDMixin:
         # the aux losses read a second evaluation on the detached input (a d-dim dot product per token)
         z_aux = layer.router(x.detach()) if torch.is_grad_enabled() and x.requires_grad else None
         causal = self._causal_routing(meta)
-        sel, p = R.select(z, meta.slots.valid, cfg, i, causal)
+        s, history = meta.slots, None
+        if meta.cache is not None and cfg.held_rate(i) is not None:  # decode: earlier logits set the threshold
+            history = meta.cache.route_history(i)
+            meta.cache.push_route_history(i, z, s.valid, cfg.rate_window)
+        sel, p = R.select(z, s.valid, cfg, i, causal, s.pos, s.doc, history)
         w = R.block_weight(z, cfg)
+        keep = cfg.skipped_kv == "keep" and not (cfg.routing == "threshold" and cfg.is_off(i))
         if cfg.impl == "reference":
-            fn, args = routed_layer_reference, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config)
+            fn, args = routed_layer_reference, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config, keep)
         else:
-            fn, args = routed_layer_fast, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config, _distributed())
+            fn, args = routed_layer_fast, (layer, i, h, meta, sel, w, cfg.gate_mode, self.config, _distributed(),
+                                           keep)
         h = checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
         return h, R.RouteTerms(i, z, sel, meta.slots.valid, p, z_aux)
 

@@ -67,6 +67,11 @@ class RouteTerms:
 
 
 def logit(p: float) -> float:
+    """log(p / (1 - p)); +inf at p = 1 (an off layer: no logit reaches it), -inf at p = 0."""
+    if p >= 1.0:
+        return math.inf
+    if p <= 0.0:
+        return -math.inf
     return math.log(p) - math.log1p(-p)
 
 
@@ -82,18 +87,66 @@ def rate_quantile(z: torch.Tensor, rate: float) -> float:
     return float(torch.quantile(z, 1.0 - rate)) if rate < 1 else float(z.min())
 
 
-def select(z: torch.Tensor, valid: torch.Tensor | None, cfg: MoDConfig, layer: int,
-           causal: bool) -> tuple[torch.Tensor, float]:
+def sink_mask(pos: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Bool [B, S]: the first `n` tokens of their document (position id < n), which always run; None if n = 0."""
+    return None if n <= 0 or pos is None else pos < n
+
+
+@dataclass
+class History:
+    """The last logits of a routed layer per row (decode under rate_hold='window'): z [B, H], valid [B, H]."""
+
+    z: torch.Tensor
+    valid: torch.Tensor
+
+
+def select(z: torch.Tensor, valid: torch.Tensor | None, cfg: MoDConfig, layer: int, causal: bool,
+           pos: torch.Tensor | None = None, doc: torch.Tensor | None = None,
+           history: History | None = None) -> tuple[torch.Tensor, float]:
     """Which tokens run routed layer `layer`: (bool [B, S], p). Padding is never selected.
 
     p is the layer's gate threshold: its p_j under threshold routing, 0.5 (the causal predictor's) under
-    top-k; causal decisions compare the logits with logit(p), and the target-rate loss centres on it."""
+    top-k; causal decisions compare the logits with logit(p), and the target-rate loss centres on it.
+    `pos` (position ids [B, S]) marks the sink tokens (MoDConfig.sink_tokens), which always run unless the layer
+    is off (p_j = 1). Under rate_hold='window' the layer's held rate decides instead of p_j (`held_select`;
+    `doc`: packed documents' ids, `history`: the row's earlier logits when decoding)."""
     p = cfg.threshold_for(layer) if cfg.routing == "threshold" else 0.5
-    if cfg.routing == "threshold" or causal:
+    if cfg.routing == "threshold" and cfg.is_off(layer):
+        return torch.zeros_like(z, dtype=torch.bool), p
+    sink = sink_mask(pos, cfg.sink_tokens)
+    held = cfg.held_rate(layer)
+    if held is not None:
+        sel = held_select(z, valid, doc, held, cfg.rate_window, history)
+    elif cfg.routing == "threshold" or causal:
         sel = z >= logit(p)  # == sigmoid(z) >= p, without fp32 saturation ties near g = 1
     else:
-        sel = _topk(z, valid, cfg.capacity)
+        sel = _topk(z, valid if sink is None else (~sink if valid is None else valid & ~sink), cfg.capacity)
+    if sink is not None:
+        sel = sel | sink
     return (sel if valid is None else sel & valid), p
+
+
+def held_select(z: torch.Tensor, valid: torch.Tensor | None, doc: torch.Tensor | None, rate: float, window: int,
+                history: History | None = None) -> torch.Tensor:
+    """Causal per-sequence rate hold: token t runs iff fewer than rate * n_t of the n_t logits in its window (the
+    last `window` valid tokens of its document up to and including t) are strictly larger than its own, i.e. its
+    threshold is the (1 - rate) quantile of its own recent logits. The realised rate is `rate` on any text (a
+    little above it in the first tokens, where windows are short), whatever the logits' scale or offset.
+    `history`: earlier logits of the same rows (decode), which count as the start of every window."""
+    B, S = z.shape
+    v = torch.ones_like(z, dtype=torch.bool) if valid is None else valid
+    if history is not None:
+        z, v = torch.cat([history.z.to(z.dtype), z], 1), torch.cat([history.valid, v], 1)
+        doc = None  # a cache never holds packed documents
+    W = min(window, z.shape[1])
+    zp = F.pad(z, (W - 1, 0)).unfold(1, W, 1)[:, -S:]  # [B, S, W]: the window of each new token, itself last
+    ok = F.pad(v, (W - 1, 0)).unfold(1, W, 1)[:, -S:]
+    if doc is not None:
+        ok = ok & (F.pad(doc, (W - 1, 0), value=-1).unfold(1, W, 1)[:, -S:] == doc[..., None])
+    zt = zp[..., -1:]
+    larger = ((zp > zt) & ok).sum(-1)
+    n = ok.sum(-1)
+    return larger.to(z.dtype) < rate * n.to(z.dtype)
 
 
 def _topk(z: torch.Tensor, valid: torch.Tensor | None, capacity: float) -> torch.Tensor:
@@ -127,6 +180,7 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 def aux_loss(terms: list[RouteTerms], cfg: MoDConfig, training_topk: bool) -> torch.Tensor:
     """Auxiliary loss of one forward (see module docstring). `training_topk`: selections were made by
     top-k (not by the causal predictor), so the BCE term applies."""
+    terms = [t for t in terms if cfg.held_rate(t.layer) is None]  # held layers' rates are fixed by the rule
     if not terms:
         return torch.zeros(())
     total = terms[0].logits.new_zeros(())

@@ -57,7 +57,7 @@ class RateController:
                 self.handles.append(model.model.layers[j].router.register_forward_hook(self._hook(j)))
             if tc.rate_warmup_steps > 0 and tc.rate_start >= 1.0:  # step 0 is the dense model: every token runs
                 cfg = model.mod_config
-                th = {**cfg.layer_thresholds, **{j: 1e-12 for j in model.routed_layers}}
+                th = {**cfg.layer_thresholds, **{j: 1e-12 for j in model.routed_layers if not cfg.is_off(j)}}
                 model.set_mod_config(dataclasses.replace(cfg, layer_thresholds=th))
 
     @classmethod
@@ -95,8 +95,13 @@ class RateController:
         cfg: MoDConfig = self.model.mod_config
         t = scheduled_rate(self.tc, self.final, step + 1)
         z = {j: torch.cat(v) for j, v in sorted(self.logits.items())}
-        js = list(z)
-        if cfg.target_scope == "global":
+        js = [j for j in z if not cfg.is_off(j) and cfg.held_rate(j) is None]  # off layers stay off, held ones hold
+        if not js:
+            self.logits.clear()
+            return
+        if cfg.target_scope == "global":  # off and held layers spend their share of the budget as they are
+            fixed = sum(cfg.held_rate(j) or 0.0 for j in z if j not in js)
+            t = min(1.0, max(1e-6, (t * len(z) - fixed) / len(js)))
             theta = [logit(cfg.threshold_for(j)) for j in js]
             delta = _quantile(torch.cat([z[j] - th for j, th in zip(js, theta)]), t)
             floor = [_quantile(z[j], cfg.rate_floor) if cfg.rate_floor > 0 else math.inf for j in js]
