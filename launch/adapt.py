@@ -30,7 +30,7 @@ def main(argv):
     if cfg.recipe != "synthetic" and not cfg.recipe.startswith("synthetic:"):
         load_recipe(cfg.recipe, **cfg.data)  # a bad recipe fails here, before any model is loaded
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
-    cfg = dataclasses.replace(cfg, model=start_point(cfg))
+    cfg = start_point(cfg)
     res = train(cfg, cfg.train, cfg.mod)
     pdist.shutdown()
     if res["rank"] == 0:

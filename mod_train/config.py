@@ -132,9 +132,6 @@ class MoDConfig:
                 "sink, the first tokens of every document)")
         if isinstance(self.rate_window, bool) or not isinstance(self.rate_window, int) or self.rate_window < 1:
             bad("rate_window", f"{self.rate_window!r} must be an integer >= 1, e.g. 256")
-        if self.rate_hold == "window" and not self.layer_rates:
-            bad("rate_hold", "'window' holds the rates in layer_rates, which is empty: set layer_rates "
-                "({layer: rate}), start from init 'routed', or run calibrate_thresholds(..., hold=True)")
         if self.rate_hold == "window" and self.routing != "threshold":
             bad("rate_hold", "'window' replaces the thresholds of threshold routing; top-k already fixes each "
                 "sequence's rate by its capacity: use rate_hold 'off' with routing 'topk'")
@@ -168,6 +165,10 @@ class MoDConfig:
             bad("layers", f"unknown layer spec {self.layers!r}; use 'odd', 'even', 'all' or a list of ints")
         if num_layers is not None:
             self.routed_layers(num_layers)
+            if self.rate_hold == "window" and not self.layer_rates:
+                bad("rate_hold", "'window' holds the per-layer rates in layer_rates, which is empty: set layer_rates "
+                    "({layer: rate}), start from init 'routed' (it writes them), or calibrate_thresholds the model "
+                    "with rate_hold 'window'")
 
     def routed_layers(self, num_layers: int) -> list[int]:
         """Indices of the routed layers for a model with `num_layers` decoder layers."""
@@ -552,12 +553,14 @@ class RunSpec:
 class RunConfig(RunSpec):
     """The root configuration of a run: every launcher parses (a part of) it."""
 
-    init: Literal["dense", "probe", "allocated", "ranked"] = "dense"
+    init: Literal["dense", "probe", "allocated", "routed"] = "dense"
     """Start point: 'dense' (routers as mod.router_init), 'probe' (routers fitted to each layer's token-importance
     probe, centred so every routed layer starts at init_rate), 'allocated' (one budget init_rate over all routed
     layers by block influence: the least influential layers start skipped whole, which is static depth pruning,
-    the rest run, the tokens of the one partly-run layer chosen by the probe) or 'ranked' (one budget over all
-    (token, layer) pairs: those with the largest predicted update run, see fit_routers_to_importance pooled)."""
+    the rest run, the tokens of the one partly-run layer chosen by the probe; its rate-0 layers are off, p = 1) or
+    'routed' (one budget over all (token, layer) pairs: those with the largest predicted update run, sinks left
+    out; each layer's share is written to mod.layer_rates for rate_hold 'window'; fit_routers_to_importance
+    pooled)."""
     init_rate: Optional[float] = None
     """Execution rate of the start point (probe: per layer, None = the dense gate; allocated: the mean, required)."""
     mod: MoDConfig = field(default_factory=MoDConfig)
@@ -573,7 +576,10 @@ class RunConfig(RunSpec):
         self.eval.validate()
         if self.init_rate is not None and not 0 < self.init_rate <= 1:
             raise _bad("RunConfig", "init_rate", self.init_rate, "an execution rate lies in (0, 1], e.g. 0.5")
-        if self.init in ("allocated", "ranked") and self.init_rate is None:
+        if self.mod.rate_hold == "window" and not self.mod.layer_rates and self.init == "dense":
+            raise _bad("mod", "rate_hold", "window", "the held rates come from the start point: use init "
+                       "'routed' (or 'allocated' / 'probe' with init_rate), or set mod.layer_rates")
+        if self.init in ("allocated", "routed") and self.init_rate is None:
             raise _bad("RunConfig", "init_rate", None, f"init={self.init!r} needs the start's mean execution rate, "
                        "e.g. 0.5")
 

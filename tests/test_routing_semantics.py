@@ -292,5 +292,65 @@ def test_held_rate_is_the_same_on_shifted_and_scaled_logits():
 ])
 def test_new_settings_are_refused_in_one_line(kw, needle):
     with pytest.raises(MoDConfigError) as e:
-        MoDConfig(**kw)
+        MoDConfig(**kw).validate(4)  # held rates are checked against a model (a start point may write them)
     assert needle in str(e.value) and "\n" not in str(e.value)
+    if kw == dict(rate_hold="window"):
+        with pytest.raises(MoDConfigError, match="layer_rates"):
+            modify(tiny_model(layers=4), MoDConfig(**kw))
+
+
+# -- the routed start and the honest accounting ---------------------------------------------------------------
+def _rows(n=3, S=32, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.cat([torch.arange(20), torch.arange(S - 20)])[None]
+    return [{"input_ids": torch.randint(1, 128, (1, S), generator=g), "position_ids": pos} for _ in range(n)]
+
+
+def test_routed_start_writes_the_allocation_and_leaves_sinks_out(tmp_path):
+    from mod_train import fit_routers_to_importance
+    from mod_train.experiments.probe import start_mod_config
+    m = modify(tiny_model(layers=6), MoDConfig(layers="all", dense_first=1, sink_tokens=2))
+    batches = _rows()
+    fit_routers_to_importance(m, batches, rate=0.5, pooled=True)
+    cfg = m.mod_config
+    assert set(cfg.layer_rates) == set(m.routed_layers)
+    assert abs(sum(cfg.layer_rates.values()) / len(cfg.layer_rates) - 0.5) < 0.02  # one budget over (token, layer)
+    # held at those rates, the realised per-layer rates on the calibration rows follow the allocation
+    m.set_mod_config(dataclasses.replace(cfg, rate_hold="window", rate_window=64))
+    for b in batches:
+        terms, meta = _terms(m, **b)
+        for t in terms:
+            sink = meta.slots.pos < 2
+            assert t.selected[sink].all()
+            got = float(t.selected[~sink].float().mean())
+            assert abs(got - cfg.layer_rates[t.layer]) < 0.25, (t.layer, got, cfg.layer_rates[t.layer])
+    # a per-layer allocation with rate 0 turns the layer off (static deletion, no K/V in any mode)
+    m2 = modify(tiny_model(layers=6), MoDConfig(layers="all", dense_first=1))
+    fit_routers_to_importance(m2, batches, rate={1: 0.0, 2: 1.0, 3: 0.5, 4: 1.0, 5: 0.0})
+    assert [j for j in m2.routed_layers if m2.mod_config.is_off(j)] == [1, 5]
+    m2.save_pretrained(tmp_path)
+    user = MoDConfig(layers="all", dense_first=1, rate_hold="window", layer_thresholds={3: 0.4})
+    merged = start_mod_config(user, tmp_path)
+    assert merged.layer_thresholds == {1: 1.0, 5: 1.0, 3: 0.4} and merged.layer_rates[3] == 0.5
+    assert merged.rate_hold == "window"
+
+
+def test_flops_and_kv_count_kept_kv():
+    from mod_train.eval import flops as F
+    from mod_train.eval.metrics import ideal_kv_fraction
+    c = tiny_model(layers=4).config
+    rates = {1: 0.25, 3: 0.5}
+    assert F.kv_ratio(c, rates) == pytest.approx((1 + 0.25 + 1 + 0.5) / 4)
+    assert F.kv_ratio(c, rates, frozenset({1, 3})) == 1.0
+    # keep: K/V projections for every token, the rest for the selected ones; selected queries see every key
+    d, hd, Hkv = c.hidden_size, c.hidden_size // c.num_attention_heads, c.num_key_value_heads
+    kv = 4 * d * Hkv * hd
+    S = 100
+    full = F.prefill_flops(c, S, {1: 1.0}, 1)
+    kept = F.prefill_flops(c, S, {1: 0.25}, 1, frozenset({1}))
+    layer = S * F.token_flops(c) + F.attn_pair_flops(c) * S * (S + 1) / 2
+    want = S * kv + 0.25 * S * (F.token_flops(c) - kv) + F.attn_pair_flops(c) * 0.25 * S * (S + 1) / 2
+    assert full - kept == pytest.approx(layer - want)
+    m = modify(tiny_model(layers=4), MoDConfig(layers="odd", skipped_kv="keep", layer_thresholds={3: 1.0}))
+    assert ideal_kv_fraction(m, 0.3) == pytest.approx(0.75)  # layer 3 is off, layer 1 keeps every token
+    assert F.keep_layers(m) == frozenset({1})

@@ -227,7 +227,7 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
             for rate in cfg.rates:
                 use(rate)
                 best_m[rate]["peak_bytes"] = _cpu_peak(dense_path, cfg.mod, cfg.dtype, mod, ids, cfg.decode_tokens)
-        results["rows"] += [_row(dense.config, L, rate, best_d, best_m[rate]) for rate in cfg.rates]
+        results["rows"] += [_row(dense.config, L, rate, best_d, best_m[rate], F.keep_layers(mod)) for rate in cfg.rates]
     for L in cfg.train_lengths:
         ids = ids_all[:, :L]
         td, tm = float("inf"), {}
@@ -242,7 +242,8 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
             use(rate)
             with torch.no_grad():
                 rates = {i: v["rate"].item() for i, v in mod(input_ids=ids).routing.items()}
-            ideal = F.prefill_flops(dense.config, L, None, L) / F.prefill_flops(dense.config, L, rates, L)
+            ideal = F.prefill_flops(dense.config, L, None, L) / F.prefill_flops(dense.config, L, rates, L,
+                                                                                 F.keep_layers(mod))
             results["train"].append(dict(length=L, target_rate=rate, realised_rate=_mean(rates), dense_s=td,
                                          mod_s=tm[rate], speedup=td / tm[rate], ideal_speedup=ideal,
                                          measured_over_ideal=(td / tm[rate]) / ideal))
@@ -269,14 +270,14 @@ def _mean(rates: dict) -> float:
     return sum(rates.values()) / max(len(rates), 1)
 
 
-def _row(config, L, rate, d, m):
+def _row(config, L, rate, d, m, keep=frozenset()):
     row = dict(length=L, target_rate=rate, realised_rate=_mean(m["rates"]), dense_prefill_s=d["prefill_s"],
                mod_prefill_s=m["prefill_s"],
                dense_decode_s=d["decode_s"], mod_decode_s=m["decode_s"], dense_kv_bytes=d["kv_bytes"],
                mod_kv_bytes=m["kv_bytes"], dense_peak_bytes=d["peak_bytes"], mod_peak_bytes=m["peak_bytes"],
-               ideal_prefill_speedup=F.prefill_flops(config, L) / F.prefill_flops(config, L, m["rates"]),
-               ideal_decode_speedup=F.decode_flops(config, L) / F.decode_flops(config, L, m["rates"]),
-               ideal_kv_ratio=1 / F.kv_ratio(config, m["rates"]))
+               ideal_prefill_speedup=F.prefill_flops(config, L) / F.prefill_flops(config, L, m["rates"], 1, keep),
+               ideal_decode_speedup=F.decode_flops(config, L) / F.decode_flops(config, L, m["rates"], keep),
+               ideal_kv_ratio=1 / F.kv_ratio(config, m["rates"], keep))
     row["prefill_speedup"] = d["prefill_s"] / row["mod_prefill_s"]
     row["prefill_measured_over_ideal"] = row["prefill_speedup"] / row["ideal_prefill_speedup"]
     if row["mod_decode_s"]:

@@ -181,6 +181,11 @@ def prefill(model, ids: torch.Tensor, repeats: int = 1) -> dict:
 
 
 def ideal_kv_fraction(model, rate: float) -> float:
-    """1 - rho * (1 - r) of dense: rho = routed share of layers, r = mean execution rate of routed layers."""
-    rho = len(model.routed_layers) / model.config.num_hidden_layers if is_mod(model) else 0.0
-    return 1.0 - rho * (1.0 - rate)
+    """KV bytes / dense from counting. skipped_kv 'drop': 1 - rho * (1 - r), rho = routed share of layers, r = mean
+    execution rate of routed layers. 'keep': every layer stores every token except the off ones (p = 1)."""
+    if not is_mod(model):
+        return 1.0
+    n, cfg = model.config.num_hidden_layers, model.mod_config
+    if cfg.skipped_kv == "keep":
+        return 1.0 - sum(cfg.is_off(j) for j in model.routed_layers) / n
+    return 1.0 - len(model.routed_layers) / n * (1.0 - rate)

@@ -84,7 +84,7 @@ class AblationConfig:
     """alpha of the paper's layer-load loss (threshold_alpha)."""
     topk_capacity: float | None = None
     """Top-k capacity; None: the realised held-out rate of the threshold run."""
-    init: Literal["dense", "probe", "allocated", "ranked"] = "dense"
+    init: Literal["dense", "probe", "allocated", "routed"] = "dense"
     """Start point of every routed variant (RunConfig.init): router_init, the importance probe at init_rate per
     layer, or one budget init_rate allocated by block influence (contains static pruning)."""
     init_rate: float | None = None
@@ -189,10 +189,11 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
     t0 = time.time()
     init = over.get("init", cfg.init)
     if mod_cfg is not None and init != "dense":
-        from mod_train.experiments.probe import probe_start
+        from mod_train.experiments.probe import probe_start, start_mod_config
         model_path, _ = probe_start(model_path, mod_cfg, cfg.recipe, cfg.seq_len, run / "init_model",
                                     over.get("init_rate", cfg.init_rate),
-                                    allocate=init == "allocated", pooled=init == "ranked")
+                                    allocate=init == "allocated", pooled=init == "routed")
+        mod_cfg = start_mod_config(mod_cfg, model_path)
     tr = Trainer(RunSpec(model=model_path, out=str(run), ds=cfg.ds, recipe=cfg.recipe, dense=mod_cfg is None,
                          teacher=teacher if tc.uses_teacher else None), tc, mod_cfg)
     status = tr.run()

@@ -63,14 +63,14 @@ def run_main(cfg: RunConfig) -> str:
     model_path = resolve_model(cfg.model)
     ph.done("dense model")
 
-    start_from = model_path
+    start = dataclasses.replace(cfg, model=model_path)
     if cfg.init != "dense":
         ph.start("router probe")
-        start_from = start_point(dataclasses.replace(cfg, model=model_path), reuse=False)
+        start = start_point(start, reuse=False)
         ph.done("router probe")
 
     ph.start("adaptation")
-    tr = Trainer(dataclasses.replace(cfg, model=start_from), cfg.train, cfg.mod)
+    tr = Trainer(start, cfg.train, start.mod)
     status = tr.run()
     tr.engine = tr.model = tr.built = None
     ph.done("adaptation")
@@ -102,6 +102,7 @@ def _non_default(obj) -> dict:
 
 
 def render(cfg: RunConfig, status, metrics, res, seconds, total, torch_version) -> str:
+    from mod_train.eval.adaptivity import summary
     from mod_train.eval.report import field_sections, ppl_table, unseen_section
     steps = sorted(metrics)
     lengths = sorted(int(k) for k in res["ppl"])
@@ -135,6 +136,11 @@ def render(cfg: RunConfig, status, metrics, res, seconds, total, torch_version) 
     L.append("|---|" + "---|" * len(layers))
     L.append("| rate | " + " | ".join(f"{v['rate']:.2f}" for v in layers.values()) + " |")
     L.append("| mean gate | " + " | ".join(f"{v['gate']:.2f}" for v in layers.values()) + " |")
+    if res.get("adaptivity"):
+        L.append("")
+        L.append(f"Routing on this text: {summary(res['adaptivity']['in_domain'])} "
+                 "([eval/adaptivity_in_domain.png](eval/adaptivity_in_domain.png); how token-adaptive, per text: "
+                 "`eval/report.md`).")
     pre = res["prefill"]
     L.append("")
     L.append(f"## Serving cost at the longest measured context ({pre['mod'].get('tokens')} tokens, one prefill)")
@@ -155,6 +161,7 @@ def render(cfg: RunConfig, status, metrics, res, seconds, total, torch_version) 
     L += [x.replace("](retrieval_", "](eval/retrieval_") for x in field_sections(res)]
     L.append("")
     L.append("Figures and the full evaluation report: `eval/report.md` (rate per layer, routing map, gate "
-             "histogram, quality vs KV" + (", retrieval heatmaps" if res.get("retrieval") else "") + ").")
+             "histogram, routed layers per rate bin, quality vs KV"
+             + (", retrieval heatmaps" if res.get("retrieval") else "") + ").")
     return "\n".join(L) + "\n"
 

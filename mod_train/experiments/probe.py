@@ -4,6 +4,8 @@ MoD checkpoint that the trainer starts from (it keeps a MoD checkpoint's routers
 the ablation, and by launch/adapt.py with `init`; the held-out documents stay unseen until evaluation."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -12,24 +14,35 @@ import torch
 from mod_train.config import ConfigError, RunConfig
 
 
-def start_point(cfg: RunConfig, reuse: bool = True) -> str:
-    """The model a run starts from: `cfg.model` (init 'dense'), or the probe-fitted MoD checkpoint <out>/init_model
-    (init 'probe' / 'allocated', at `init_rate`; with `reuse`, one already there is taken as it is: a resumed
-    run starts from its checkpoint anyway)."""
+def start_point(cfg: RunConfig, reuse: bool = True) -> RunConfig:
+    """`cfg` as a run starts from it: unchanged for init 'dense'; otherwise its model is the probe-fitted MoD
+    checkpoint <out>/init_model (init 'probe' / 'allocated' / 'routed', at `init_rate`; with `reuse`, one already
+    there is taken as it is: a resumed run starts from its checkpoint anyway) and its MoD settings gain the start's
+    allocation (`start_mod_config`)."""
     if cfg.init == "dense":
-        return cfg.model
+        return cfg
     init = Path(cfg.out) / "init_model"
     if reuse and (init / "config.json").is_file():
-        return str(init)
+        return dataclasses.replace(cfg, model=str(init), mod=start_mod_config(cfg.mod, init))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"RunConfig.init={cfg.init!r}: the probe runs in one process and {init} does not exist "
                           "yet; run the same command once as plain `python launch/adapt.py ...` (the launcher "
                           "re-uses it afterwards), or pass a probe start directory as --model")
     path, r2 = probe_start(cfg.model, cfg.mod, cfg.recipe, cfg.train.seq_len or 512, init, rate=cfg.init_rate,
-                           overrides=cfg.data, allocate=cfg.init == "allocated", pooled=cfg.init == "ranked")
+                           overrides=cfg.data, allocate=cfg.init == "allocated", pooled=cfg.init == "routed")
     print(f"[mod_train] routers fitted to token importance: probe R^2 mean {sum(r2.values()) / len(r2):.2f}"
           + (f", starting at execution rate {cfg.init_rate}" if cfg.init_rate else ""), flush=True)
-    return path
+    return dataclasses.replace(cfg, model=path, mod=start_mod_config(cfg.mod, path))
+
+
+def start_mod_config(user, start_dir) -> "MoDConfig":
+    """The MoD settings of a run from a fitted start: the user's, plus the allocation the start wrote (per-layer
+    rates, held under rate_hold 'window', and the off layers, p = 1); the user's own entries win."""
+    from mod_train.config import MoDConfig
+    saved = MoDConfig.from_dict(json.loads((Path(start_dir) / "config.json").read_text()).get("mod") or {})
+    off = {j: p for j, p in saved.layer_thresholds.items() if p >= 1.0}
+    return dataclasses.replace(user, layer_rates={**saved.layer_rates, **user.layer_rates},
+                               layer_thresholds={**off, **user.layer_thresholds})
 
 
 def first_rows(recipe_path: str, seq_len: int, rows: int = 4, overrides: dict | None = None) -> list[dict]:
@@ -50,7 +63,7 @@ def probe_start(model_path: str, mod_cfg, recipe_path: str, seq_len: int, out, r
     With `allocate`, `rate` is one budget over all routed layers, spent by block influence on the same rows
     (mod_train.mod.prune.allocate_budget): each layer's router is centred at its own rate (0: the layer is
     skipped whole, 1: it runs every token), so the start contains static depth pruning. With `pooled`, `rate` is
-    one budget over all (token, layer) pairs ranked by the probes' predicted update (init 'ranked')."""
+    one budget over all (token, layer) pairs ranked by the probes' predicted update (init 'routed')."""
     from transformers import AutoModelForCausalLM
 
     from mod_train import fit_routers_to_importance, modify
@@ -58,6 +71,7 @@ def probe_start(model_path: str, mod_cfg, recipe_path: str, seq_len: int, out, r
     from mod_train.mod.prune import allocate_budget, block_influence
     batches = first_rows(recipe_path, seq_len, rows, overrides)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    hold, mod_cfg = mod_cfg.rate_hold, dataclasses.replace(mod_cfg, rate_hold="off")  # the fit writes the rates
     rates = rate
     if allocate:
         if rate is None:
@@ -68,6 +82,7 @@ def probe_start(model_path: str, mod_cfg, recipe_path: str, seq_len: int, out, r
     else:
         model = modify(model, mod_cfg)
     r2 = fit_routers_to_importance(model, batches, rate=rates, pooled=pooled)
+    model.set_mod_config(dataclasses.replace(model.mod_config, rate_hold=hold))
     out = Path(out)
     model.save_pretrained(out)
     load_tokenizer(load_recipe(recipe_path, **(overrides or {}))).save_pretrained(out)

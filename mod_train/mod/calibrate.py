@@ -194,6 +194,8 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3,
             r.weight.copy_((w * scale).to(r.weight.dtype)[None])
             r.bias.fill_(float(scale * (my - mx @ w - centre) + logit(cfg.threshold_for(i))))
         rates = {i: float((pred >= centre).double().mean()) for i, *_, pred in probes}
+    elif rates is None and rate is not None:
+        rates = {i: float(rate) for i in fit}
     if rates is not None:  # the allocation: held by rate_hold='window'; a layer at rate 0 is off (p = 1)
         off = {i: 1.0 for i, v in rates.items() if v <= 0}
         model.set_mod_config(dataclasses.replace(cfg, layer_rates={**cfg.layer_rates, **rates},
