@@ -124,11 +124,19 @@ def test_eval_report(tiny_setup, tmp_path):
     assert len(rows) == 2 and f"{res['ppl']['32']['dense']['ppl']:.3f}" in rows[0]
     assert sum(ln.startswith(("| 1 |", "| 3 |")) for ln in md.splitlines()) == 2  # routed layers 1 and 3
     assert sum(ln.startswith(("| 1.0 |", "| 0.5 |", "| 0.25 |")) for ln in md.splitlines()) == 3
-    for name in ("rate_per_layer.png", "routing_map.png", "gate_hist.png", "quality_vs_kv.png"):
+    for name in ("rate_per_layer.png", "routing_map.png", "gate_hist.png", "quality_vs_kv.png",
+                 "adaptivity_in_domain.png"):
         assert f"]({name})" in md
         _check_png(out / name)
     saved = json.loads((out / "results.json").read_text())
     assert saved["ppl"]["32"]["dense"]["ppl"] == pytest.approx(res["ppl"]["32"]["dense"]["ppl"])
+    # how token-adaptive: the rates of the per-layer table at the longest context, no unseen text in this recipe
+    ad = saved["adaptivity"]["in_domain"]
+    assert saved["adaptivity"]["unseen"] is None and not (out / "adaptivity_unseen.png").exists()
+    assert ad["rates"] == {j: v["rate"] for j, v in saved["routing"]["128"].items()}
+    assert ad["kv_fraction"] == pytest.approx(1 - (1 - ad["mean_rate"]) / 2)  # 2 of 4 layers routed, KV dropped
+    assert "## How token-adaptive is the routing" in md and "### In-domain text" in md
+    assert f"- **{ad['verdict']}**" in md
     # the model's own routing is what the per-length tables show (the sweep restores its thresholds)
     assert saved["mod_config"]["layer_thresholds"] == {}
 
@@ -153,6 +161,8 @@ def test_launch_eval_untrained_conversion(tiny_setup, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["ppl"]["64"]["mod"]["rate"] == 1.0
     assert res["prefill"]["mod"]["kv_bytes"] == res["prefill"]["dense"]["kv_bytes"]
+    ad = res["adaptivity"]["in_domain"]  # every token runs every routed layer: static, the dense model's KV
+    assert ad["verdict"].startswith("static") and ad["n_full"] == 2 and ad["kv_fraction"] == 1.0
     assert len(res["sweep"]["points"]) == 1  # equal gates tie: calibration cannot split them (reported)
     assert "gates are (nearly) equal" in (out / "report.md").read_text()
     rec = load_recipe(recipe)
@@ -186,7 +196,8 @@ def test_unseen_domain_and_pruning_baseline_in_the_report(tiny_setup, tmp_path):
     assert all(s == "books" for _, s, _ in heldout_documents(rec))
     stream = PackedStream(rec, split="train", seq_len=64, max_rows=30, drop_last=False)
     assert all(row["sources"] == ["books"] for row in stream)  # the training stream never reads them
-    mod = randomize_routers(modify(AutoModelForCausalLM.from_pretrained(dense_dir), MoDConfig(layers="all")), std=3.0)
+    mod = randomize_routers(modify(AutoModelForCausalLM.from_pretrained(dense_dir),
+                                   MoDConfig(layers="all", skipped_kv="keep")), std=3.0)
     mod.save_pretrained(tmp_path / "mod")
     res = run_eval(EvalConfig(dense=dense_dir, mod=str(tmp_path / "mod"), recipe=str(rec_path), out=str(tmp_path / "r"),
                               lengths=[32, 64], max_docs=2, targets=[], calib_docs=2, calib_tokens=64, progress=False))
@@ -197,3 +208,11 @@ def test_unseen_domain_and_pruning_baseline_in_the_report(tiny_setup, tmp_path):
     assert res["pruning"]["count"] == round(len(mod.routed_layers) * (1 - rate)) and 0 < rate < 1
     report = (tmp_path / "r" / "report.md").read_text()
     assert "## Perplexity on unseen domains (other" in report and "static pruning ppl" in report
+    ad = res["adaptivity"]["unseen"]  # measured on the unseen text, rendered with it and in its own section
+    assert ad["rates"] == {int(j): v["rate"] for j, v in res["routing_unseen"]["64"].items()}
+    assert ad["mean_rate"] == pytest.approx(rate, abs=1e-6)  # every routed layer sees the same tokens
+    assert ad["skipped_kv"] == "keep" and ad["kv_fraction"] == 1.0  # no layer off: skipped tokens keep their K/V
+    assert f"Routing on this text: {ad['verdict']}" in report
+    assert "### Unseen-domain text" in report and "### In-domain text" in report
+    assert "](adaptivity_unseen.png)" in report
+    _check_png(tmp_path / "r" / "adaptivity_unseen.png")

@@ -46,7 +46,13 @@ def test_main_job_end_to_end_reduced(tmp_path):
     cfg = json.loads((run / "model" / "config.json").read_text())
     assert cfg["model_type"].startswith("mod_") and cfg["mod"]["target_rate"] == 0.7308 and cfg["mod"]["gate_form"] == "ste"
     assert (run / "eval" / "rate_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "eval" / "adaptivity_in_domain.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "rate_schedule.png").read_bytes()[:4] == b"\x89PNG" and "](rate_schedule.png)" in text
     res = json.loads((run / "eval" / "results.json").read_text())
     assert set(res["ppl"]) == {"32", "64"} and res["ppl"]["64"]["mod"]["ppl"] > 1
     assert len(res["sweep"]["points"]) == 2
+    # how token-adaptive the in-domain routing is: its verdict and partial share under the per-layer rates
+    ad = res["adaptivity"]["in_domain"]
+    assert f"Routing on this text: {ad['verdict']}; " in text
+    assert f"partial compute share {ad['partial_compute_share']:.3f}" in text
+    assert "](eval/adaptivity_in_domain.png)" in text

@@ -112,3 +112,21 @@ def quality_vs_memory(points: list[dict], dense_ppl: float, path: Path, length: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def rate_histogram(counts: list[int], edges: list[float], path: Path, band: tuple[float, float],
+                   title: str = "routed layers per execution rate"):
+    """Routed layers per execution-rate bin (counts over edges); the partly-run band (lo, hi) shaded."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.axvspan(*band, color="tab:green", alpha=0.12, label=f"partly run ({band[0]:g} < rate < {band[1]:g})")
+    ax.bar(edges[:-1], counts, np.diff(edges), align="edge", edgecolor="k", lw=0.6)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("execution rate (share of tokens that ran the layer)")
+    ax.set_ylabel("routed layers")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -4,10 +4,13 @@
     res = run_eval(EvalConfig(dense="dense_dir", mod="mod_dir", recipe="data_recipes/offline_long_mix.yaml",
                               out="runs/eval", lengths=[512, 2048, 8192], max_docs=4))
 
-Writes into `out`: report.md, results.json, rate_per_layer.png, routing_map.png, gate_hist.png and
-quality_vs_kv.png (threshold routing only). What is measured (see metrics.py for the exact rules):
+Writes into `out`: report.md, results.json, rate_per_layer.png, routing_map.png, gate_hist.png,
+adaptivity_in_domain.png (+ adaptivity_unseen.png with unseen text) and quality_vs_kv.png (threshold routing
+only). What is measured (see metrics.py for the exact rules):
 - held-out perplexity of both models at each context length (non-overlapping windows, token weighted);
 - per routed layer: execution rate, mean gate, share of gates within 0.05 of the threshold p, histogram;
+- how token-adaptive the routing is at the longest context, on in-domain and on unseen-domain text: routed layers
+  partly run, their share of the routed compute, the KV fraction, a verdict (adaptivity.py);
 - KV-cache bytes and prefill time of one prefill (MoDCache vs the dense model's own cache);
 - quality against KV memory: thresholds calibrated post hoc (calibrate_thresholds) on held-out text that
   is not evaluated, for each target rate; perplexity, realised rate, ideal and measured KV fraction;
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mod_train.config import EvalConfig
+from mod_train.eval import adaptivity as A
 from mod_train.eval import metrics as M
 from mod_train.eval import plots
 from mod_train.eval.data import calibration_batches, load_eval_docs
@@ -149,6 +153,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     plots.gate_histogram({j: s.hist for j, s in st0.layers.items()}, {j: s.threshold for j, s in st0.layers.items()},
                          out / "gate_hist.png")
     figs["hist"] = "gate_hist.png"
+    res["adaptivity"] = _adaptivity(res, mod, lengths[-1])
+    for name, ad in res["adaptivity"].items():
+        if ad is not None:
+            A.histogram_png(ad["rates"], out / f"adaptivity_{name}.png",
+                            f"routed layers per execution rate ({name.replace('_', '-')} text, ctx {lengths[-1]})")
+            figs[f"adaptivity_{name}"] = f"adaptivity_{name}.png"
     if sweep:
         plots.quality_vs_memory(sweep, dense_sweep_ppl, out / "quality_vs_kv.png", SL)
         figs["sweep"] = "quality_vs_kv.png"
@@ -190,6 +200,33 @@ def _unseen(cfg: EvalConfig, recipe, tok, dense, mod, lengths) -> dict:
     pre = torch.tensor(ids[longest][:min(cfg.prefill_tokens or lengths[-1], len(ids[longest]))])[None]
     out["prefill_unseen"] = {"dense": M.prefill(dense, pre), "mod": M.prefill(mod, pre)}
     return out, ids
+
+
+def _adaptivity(res: dict, mod, length: int) -> dict:
+    """{'in_domain', 'unseen'}: adaptivity() of the realised rates per routed layer at `length` (None without
+    unseen text), with the KV fraction for the model's skipped_kv mode and off layers."""
+    mc = mod.mod_config
+    off = {j for j in mod.routed_layers if mc.is_off(j)}
+    return {name: A.adaptivity({int(j): v["rate"] for j, v in res[key][str(length)].items()}, mc.skipped_kv,
+                               mod.config.num_hidden_layers, off=off) if res.get(key) else None
+            for name, key in (("in_domain", "routing"), ("unseen", "routing_unseen"))}
+
+
+def adaptivity_section(res: dict) -> list[str]:
+    """Markdown of how token-adaptive the routing of a run_eval result is, unseen-domain text first."""
+    ads = res.get("adaptivity") or {}
+    sinks = res["mod_config"].get("sink_tokens", 0)
+    L = ["\n## How token-adaptive is the routing\n",
+         "A routed layer that runs (nearly) every token or (nearly) none is a kept or a deleted layer: with no "
+         "layer in between the model is static depth pruning. Realised rates at the longest context"
+         + (f"; the first {sinks} tokens of every document (sink_tokens) run every routed layer and count in them."
+            if sinks else ".")]
+    for name, label in (("unseen", "Unseen-domain text"), ("in_domain", "In-domain text")):
+        if ads.get(name):
+            L += A.section(ads[name], label)
+            fig = res["figures"][f"adaptivity_{name}"]
+            L.append(f"\n![routed layers per execution rate, {label.lower()}]({fig})\n")
+    return L
 
 
 def _pruning_baseline(cfg: EvalConfig, res: dict, dense, mod, lengths, ids, unseen_ids, cal_docs) -> None:
@@ -364,6 +401,7 @@ def render(res: dict, stats_by_len: dict) -> str:
     if "map" in res["figures"]:
         L.append(f"![routing map]({res['figures']['map']})\n")
     L.append(f"![gate histogram]({res['figures']['hist']})\n")
+    L += adaptivity_section(res)
     p = res["prefill"]
     L.append("## KV cache and prefill\n")
     L.append(f"One prefill of {p['dense']['tokens']} tokens of '{res['docs'][0]['title']}' (best of 2).\n")
@@ -408,4 +446,6 @@ def unseen_section(res: dict) -> list[str]:
     kv_d, kv_m = pre["dense"]["kv_bytes"], pre["mod"]["kv_bytes"]
     L.append(f"\nKV cache of one {pre['mod'].get('tokens')}-token prefill of unseen text: dense "
              f"{kv_d / 2**20:.1f} MiB, MoD {kv_m / 2**20:.1f} MiB ({kv_d / max(kv_m, 1):.2f}x smaller)")
+    if (res.get("adaptivity") or {}).get("unseen"):
+        L.append(f"\nRouting on this text: {A.summary(res['adaptivity']['unseen'])}")
     return L
