@@ -338,9 +338,9 @@ def mod_calibrate(model, batches, target: float) -> dict:
     except target 1.0 = every token runs on any text (p at the smallest valid threshold; the calibration text's
     smallest gate need not bound the evaluated text's gates)."""
     from mod_train import calibrate_thresholds
-    if target >= 1.0:
+    if target >= 1.0:  # off layers and the rate hold included: the adapted dense model
         th = {j: 1e-12 for j in model.routed_layers}
-        model.set_mod_config(dataclasses.replace(model.mod_config, layer_thresholds=th))
+        model.set_mod_config(dataclasses.replace(model.mod_config, layer_thresholds=th, rate_hold="off"))
         return th
     return calibrate_thresholds(model, batches, target, scope=model.mod_config.target_scope)
 

@@ -70,8 +70,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: Slots, ks: Slo
     gqa = q.shape[1] != k.shape[1]
     if self_attention and qs.simple and window is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-    elif not self_attention and q.shape[2] == 1 and ks.valid is None and ks.doc is None and window is None:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)  # decode: all keys are past
+    elif not self_attention and q.shape[2] == 1 and ks.doc is None and window is None:  # decode: every key is past
+        mask = None
+        if ks.valid is not None:  # unused slots; a row with none valid (a skipped row's dummy query) sees all
+            mask = ks.valid[:, None, None, :]
+            mask = mask | ~mask.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     else:
         mask = build_mask(qs, ks, window)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)

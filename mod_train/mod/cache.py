@@ -17,27 +17,37 @@ from mod_train.mod.router import History
 
 
 class _LayerKV:
+    """One layer's K/V. Host-side bookkeeping keeps decoding free of host syncs: `bound` is an upper bound of the
+    longest row (exact when every append kept all its slots in every row: dense layers, `keep` layers, batch 1),
+    and `padded` records whether any stored slot may be invalid (then attention takes the validity mask)."""
+
     def __init__(self):
         self.k = self.v = self.pos = self.valid = self.length = None
+        self.bound, self.padded = 0, False
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, s: Slots, counts: torch.Tensor):
-        """Write n new slots per row (k/v [B, Hkv, n, D]); row b keeps its first counts[b] of them."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, s: Slots, counts: torch.Tensor | None):
+        """Write n new slots per row (k/v [B, Hkv, n, D]); row b keeps its first counts[b] of them (None: all n)."""
         B, H, n, D = k.shape
-        valid = s.valid if s.valid is not None else torch.ones_like(s.pos, dtype=torch.bool)
         if self.k is None:
             self.length = torch.zeros(B, dtype=torch.long, device=k.device)
             self._grow(B, H, D, n, k)
-        need = int((self.length + n).max())
-        if need > self.k.shape[2]:
+        if self.bound + n > self.k.shape[2]:
             cap = self.k.shape[2]  # grow by 1/8 (>= 256 slots): bounded slack, O(1) amortised appends
-            self._grow(B, H, D, max(need, cap + max(256, cap // 8)), k)
+            self._grow(B, H, D, max(self.bound + n, cap + max(256, cap // 8)), k)
         idx = self.length[:, None] + torch.arange(n, device=k.device)  # [B, n]
         i4 = idx[:, None, :, None].expand(B, H, n, D)
         self.k.scatter_(2, i4, k.to(self.k.dtype))
         self.v.scatter_(2, i4, v.to(self.v.dtype))
         self.pos.scatter_(1, idx, s.pos)
-        self.valid.scatter_(1, idx, valid & (torch.arange(n, device=k.device) < counts[:, None]))
-        self.length += counts
+        valid = s.valid if s.valid is not None else torch.ones_like(s.pos, dtype=torch.bool)
+        if counts is None:
+            self.valid.scatter_(1, idx, valid)
+            self.length += n
+        else:
+            self.valid.scatter_(1, idx, valid & (torch.arange(n, device=k.device) < counts[:, None]))
+            self.length += counts
+        self.bound += n
+        self.padded |= s.valid is not None or counts is not None
 
     def _grow(self, B, H, D, cap, like):
         old, old_v = self.k, self.v
@@ -54,10 +64,9 @@ class _LayerKV:
         self.pos, self.valid = pos, valid
 
     def view(self):
-        """(k, v, Slots) of the filled part."""
-        L = int(self.length.max())
-        valid = self.valid[:, :L]
-        s = Slots(self.pos[:, :L], None, None if bool(valid.all()) else valid)
+        """(k, v, Slots) of the filled part: `bound` slots per row, the validity mask where some may be unused."""
+        L = self.bound
+        s = Slots(self.pos[:, :L], None, self.valid[:, :L] if self.padded else None)
         return self.k[:, :, :L], self.v[:, :, :L], s
 
     def used_bytes(self) -> int:
@@ -123,8 +132,6 @@ class MoDCache:
     def update(self, layer: int, k, v, s: Slots, counts: torch.Tensor | None):
         """Append (row b keeps counts[b] of the new slots; None: all), then return all keys/values of the layer
         with their slots."""
-        if counts is None:
-            counts = torch.full((k.shape[0],), k.shape[2], dtype=torch.long, device=k.device)
         L = self.layers[layer]
         L.append(k, v, s, counts)
         return L.view()

@@ -128,7 +128,7 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
     and ZeRO-3 / TP collectives never hang. `keep_kv`: skipped_kv='keep' (see the module docstring)."""
     B, S, d = h.shape
     counts = sel.sum(1)
-    n = int(counts.max())
+    n = int(counts.max())  # the one host decision of a routed layer: run it (and for how many slots) or skip it
     if n == 0 and not always_compute:
         if keep_kv and meta.cache is not None:
             k, v = _kv(layer.self_attn, layer.input_layernorm(h), meta.cos, meta.sin)
@@ -138,7 +138,9 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
     # stable sort puts each row's selected tokens first, in their original order
     idx_sel = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :n]
     slot_ok = torch.arange(n, device=h.device)[None, :] < counts[:, None]
-    full = bool(slot_ok.all())
+    # every row fills its n slots: known at batch 1; with a cache (decoding) the masked form is taken rather
+    # than a second host sync
+    full = B == 1 or (meta.cache is None and bool(slot_ok.all()))
     slots = meta.slots.gather(idx_sel, None if full else slot_ok)
     hs = h.gather(1, idx_sel[..., None].expand(B, n, d))
     ws = w.gather(1, idx_sel)[..., None].to(h.dtype)
@@ -152,7 +154,8 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
         o = _attend_cached(attn, idx, q, k, v, slots, meta.slots, meta.cache, None, _window(layer, config), False)
         a = attn.o_proj(o.reshape(B, n, -1))
     else:
-        a = attention(layer, idx, layer.input_layernorm(hs), slots, cs, sn, meta.cache, config, counts)
+        a = attention(layer, idx, layer.input_layernorm(hs), slots, cs, sn, meta.cache, config,
+                      None if full else counts)
     out = _gated(layer, hs, a, ws, gate_mode)
     if not full:  # padding slots point at unselected tokens: write their own value back
         out = torch.where(slot_ok[..., None], out, hs)
