@@ -1,4 +1,5 @@
-"""Dataclass configs, the bottom of the package: every field has a one-line doc (shown by `--help`).
+"""Dataclass configs, near the bottom of the package (below: paths, errors): every field has a one-line doc
+(shown by `--help`). The error types live in mod_train.errors and are re-exported here.
 
 - `MoDConfig`: the method. Validated on construction, round-trips through the HF config (`to_dict`/`from_dict`).
 - `TrainConfig`: everything the loop needs that is neither the method nor the data.
@@ -15,16 +16,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from mod_train.errors import ConfigError, UserError  # noqa: F401  (re-exported: their old home)
+from mod_train.paths import check_model_location
+
 LayerSpec = Union[Literal["odd", "even", "all"], list[int]]
-
-
-class UserError(Exception):
-    """A problem its message fully explains (a bad setting or input, a refused resume, a diverged run): the
-    launchers print it as one line and exit non-zero, with the traceback only under --debug (mod_train.cli)."""
-
-
-class ConfigError(UserError, ValueError):
-    """A setting is invalid; the message names the field, the value and the fix."""
 
 
 class MoDConfigError(ConfigError):
@@ -487,7 +482,6 @@ class EvalConfig:
         for lengths beyond the dense model's max_position_embeddings (perplexity there measures extrapolation)."""
         import warnings
 
-        from mod_train.paths import check_model_location
         if self.dense is not None:
             check_model_location(self.dense, "EvalConfig.dense")
             _check_model_dir(self.dense, "EvalConfig.dense", mod=False)

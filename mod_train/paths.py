@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from mod_train.config import ConfigError
+from mod_train.errors import ConfigError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
