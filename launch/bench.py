@@ -4,6 +4,7 @@ peak memory, optional forward+backward), with ideal ratios from FLOP/byte counti
 
     python launch/bench.py                                   # SmolLM2, 1k-8k, rates 0.5/0.25/0.125
     python launch/bench.py --mod runs/main/model --lengths [2048,8192] --train_lengths [2048,8192]
+    python launch/bench.py --serve true --lengths [8192,32768] --rates [0.5,0.125] --dtype bfloat16   # serving
 Writes <out>/bench.json, bench.png and bench.md; prints the table. Settings: mod_train.eval.bench.BenchConfig.
 """
 import os

@@ -46,8 +46,16 @@ class BenchConfig:
     """Output dir for bench.json and bench.png."""
     seed: int = 0
     """Seed of the random router directions."""
+    serve: bool = False
+    """Serving benchmark instead of the latency table (`serve` below): decode tokens/s at batch 1 and at the largest
+    batch that fits `serve_memory_gb`, and how many sequences of each length fit, dense vs MoD per rate."""
+    serve_memory_gb: float | None = None
+    """Memory for KV caches and one prefill's working set; None: free CUDA memory after loading, 4 GiB on CPU."""
+    serve_max_batch: int = 64
+    """Largest batch actually timed (the count of sequences that fit is reported beyond it)."""
     memory: bool = True
-    """On CPU, measure peak RSS growth in a fresh process per configuration (one extra prefill each)."""
+    """On CPU, measure peak RSS growth in a fresh process per configuration (one extra prefill each); false: the
+    peak-memory ratio is n/a (null in bench.json), since RSS growth inside the warm benchmark process means nothing."""
 
 
 class PeakMemory:
@@ -210,6 +218,9 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
         mod.set_mod_config(replace(mod.mod_config, layer_thresholds=thresholds[rate]))
 
     results = {"config": asdict(cfg), "device": str(device), "model": dense_path, "rows": [], "train": []}
+    if cfg.serve:
+        results["serve"] = run_serve(cfg, dense, mod, ids_all, use, device, progress)
+        return _write(cfg, results)
     n_jobs = len(cfg.lengths) * (1 + len(cfg.rates)) + len(cfg.train_lengths) * (1 + len(cfg.rates))
     bar = tqdm(total=n_jobs * cfg.repeats, disable=not progress, desc="bench")
     for L in cfg.lengths:
@@ -227,6 +238,9 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
             for rate in cfg.rates:
                 use(rate)
                 best_m[rate]["peak_bytes"] = _cpu_peak(dense_path, cfg.mod, cfg.dtype, mod, ids, cfg.decode_tokens)
+        if device.type == "cpu" and not cfg.memory:  # RSS growth inside this warm process means nothing
+            for m in (best_d, *best_m.values()):
+                m["peak_bytes"] = None
         results["rows"] += [_row(dense.config, L, rate, best_d, best_m[rate], F.keep_layers(mod)) for rate in cfg.rates]
     for L in cfg.train_lengths:
         ids = ids_all[:, :L]
@@ -248,11 +262,103 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
                                          mod_s=tm[rate], speedup=td / tm[rate], ideal_speedup=ideal,
                                          measured_over_ideal=(td / tm[rate]) / ideal))
     bar.close()
+    return _write(cfg, results)
+
+
+def _write(cfg: BenchConfig, results: dict) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "bench.png")
+    if results["rows"]:
+        plot(results, out / "bench.png")
     return results
+
+
+def _decode_loop(model, tok, cache, n, device) -> tuple[float, torch.Tensor]:
+    """n greedy decode steps from tokens tok [B, 1] on `cache`; (seconds, last tokens)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return time.perf_counter() - t0, tok
+
+
+def serve_one(model, ids, n_decode: int, budget: int, max_batch: int, device, is_mod: bool) -> dict:
+    """One model at one context length: prefill ids [1, L] (timed, its working set measured on CUDA), decode at
+    batch 1, then at the largest batch whose KV caches fit `budget` bytes beside one prefill's working set (up to
+    `max_batch`). The batch shares the prefilled context (the cache repeated per row) and starts from each row's own
+    next token (the prefill's top-B candidates), so the routed layers' decisions differ between rows as in serving."""
+    from mod_train import MoDCache, kv_cache_bytes
+    cache = MoDCache(model.config.num_hidden_layers) if is_mod else None
+    with PeakMemory(device) as mem, torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        prefill = time.perf_counter() - t0
+    cache = out.cache
+    per_seq = kv_cache_bytes(cache)["total"] * (ids.shape[1] + n_decode) / ids.shape[1]
+    work = mem.peak - kv_cache_bytes(cache)["total"] if device.type == "cuda" else 0
+    fit = int(max(budget - max(work, 0), 0) // max(per_seq, 1))
+    rates = {i: v["rate"].item() for i, v in out.routing.items()} if is_mod else {}
+    batch = max(1, min(fit, max_batch))
+    cand = out.logits[0, -1].topk(batch).indices[:, None]
+    s1, _ = _decode_loop(model, cand[:1], copy.deepcopy(cache), n_decode, device)
+    cache.reorder_cache(torch.zeros(batch, dtype=torch.long, device=ids.device))
+    sb, _ = _decode_loop(model, cand, cache, n_decode, device)
+    return dict(prefill_s=prefill, kv_bytes_per_seq=per_seq, prefill_work_bytes=work, fit_seqs=fit, batch=batch,
+                tok_s_b1=n_decode / s1, tok_s_batch=batch * n_decode / sb, rates=rates)
+
+
+def run_serve(cfg: BenchConfig, dense, mod, ids_all, use, device, progress=True) -> list[dict]:
+    """The serving rows: per length, the dense model and the MoD model at each calibrated rate (see serve_one)."""
+    from tqdm import tqdm
+    budget = _serve_budget(cfg, device)
+    rows = []
+    bar = tqdm(total=len(cfg.lengths) * (1 + len(cfg.rates)), disable=not progress, desc="serve")
+    for L in cfg.lengths:
+        ids = ids_all[:, :L]
+        d = serve_one(dense, ids, cfg.decode_tokens, budget, cfg.serve_max_batch, device, False)
+        bar.update(1)
+        rows.append(dict(length=L, model="dense", target_rate=1.0, realised_rate=1.0, budget_bytes=budget, **d))
+        for rate in cfg.rates:
+            use(rate)
+            m = serve_one(mod, ids, cfg.decode_tokens, budget, cfg.serve_max_batch, device, True)
+            bar.update(1)
+            rows.append(dict(length=L, model="mod", target_rate=rate, realised_rate=_mean(m["rates"]),
+                             budget_bytes=budget, fit_ratio=m["fit_seqs"] / max(d["fit_seqs"], 1),
+                             speedup_b1=m["tok_s_b1"] / d["tok_s_b1"],
+                             speedup_batch=m["tok_s_batch"] / d["tok_s_batch"], **m))
+    bar.close()
+    return rows
+
+
+def _serve_budget(cfg: BenchConfig, device) -> int:
+    """Bytes for KV caches and a prefill's working set: serve_memory_gb, or the free CUDA memory now (both models'
+    weights are loaded; a server holds one, so this is conservative), or 4 GiB on CPU."""
+    if cfg.serve_memory_gb is not None:
+        return int(cfg.serve_memory_gb * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 4 * 2**30
+
+
+def serve_table(rows: list[dict]) -> str:
+    """Markdown table of the serving rows."""
+    lines = ["| ctx | model | target r | realised r | KV / seq MB | seqs that fit | x dense | tok/s batch 1 | x dense "
+             "| batch timed | tok/s at batch | x dense |", "|" + "---|" * 12]
+    for r in rows:
+        mod = r["model"] == "mod"
+        lines.append(
+            f"| {r['length']} | {r['model']} | {r['target_rate'] if mod else '-'} | {r['realised_rate']:.3f} | "
+            f"{r['kv_bytes_per_seq'] / 2**20:.1f} | {r['fit_seqs']} | {format(r['fit_ratio'], '.2f') + 'x' if mod else '-'} | "
+            f"{r['tok_s_b1']:.1f} | {format(r['speedup_b1'], '.2f') + 'x' if mod else '-'} | {r['batch']} | "
+            f"{r['tok_s_batch']:.1f} | {format(r['speedup_batch'], '.2f') + 'x' if mod else '-'} |")
+    return "\n".join(lines)
 
 
 def _best(a, b):
@@ -283,12 +389,15 @@ def _row(config, L, rate, d, m, keep=frozenset()):
     if row["mod_decode_s"]:
         row["decode_speedup"] = d["decode_s"] / row["mod_decode_s"]
     row["kv_ratio"] = row["dense_kv_bytes"] / max(row["mod_kv_bytes"], 1)
-    row["peak_ratio"] = row["dense_peak_bytes"] / max(row["mod_peak_bytes"], 1)
+    row["peak_ratio"] = (None if row["dense_peak_bytes"] is None or row["mod_peak_bytes"] is None else
+                         row["dense_peak_bytes"] / max(row["mod_peak_bytes"], 1))
     return row
 
 
 def table(results: dict) -> str:
     """Markdown table of a bench run."""
+    if results.get("serve"):
+        return serve_table(results["serve"])
     lines = ["| ctx | target r | realised r | prefill dense s | prefill MoD s | speedup | ideal | meas/ideal "
              "| decode dense ms | decode MoD ms | decode speedup | ideal | KV dense MB | KV MoD MB | KV ratio | ideal "
              "| peak mem ratio |", "|" + "---|" * 17]
@@ -300,7 +409,8 @@ def table(results: dict) -> str:
             f"{r['mod_prefill_s']:.2f} | {r['prefill_speedup']:.2f}x | {r['ideal_prefill_speedup']:.2f}x | "
             f"{r['prefill_measured_over_ideal']:.2f} | {dec_d} | {dec_m} | {r.get('decode_speedup', 0):.2f}x | "
             f"{r['ideal_decode_speedup']:.2f}x | {r['dense_kv_bytes'] / 2**20:.1f} | {r['mod_kv_bytes'] / 2**20:.1f} | "
-            f"{r['kv_ratio']:.2f}x | {r['ideal_kv_ratio']:.2f}x | {r['peak_ratio']:.2f}x |")
+            f"{r['kv_ratio']:.2f}x | {r['ideal_kv_ratio']:.2f}x | "
+            f"{'n/a' if r['peak_ratio'] is None else format(r['peak_ratio'], '.2f') + 'x'} |")
     if results.get("train"):
         lines += ["", "| ctx | target r | realised r | fwd+bwd dense s | fwd+bwd MoD s | speedup | ideal | meas/ideal |",
                   "|" + "---|" * 8]

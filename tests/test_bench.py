@@ -1,0 +1,35 @@
+"""The efficiency benchmark at tiny sizes on the real SmolLM2 (figures come from launch/bench.py runs, not from
+here): the serving mode's rows and counts, and an honest n/a where CPU peak memory was not measured."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mod_train.eval.bench import BenchConfig, run_bench, table
+
+
+def test_serve_rows_count_the_sequences_that_fit(smollm2_dir, tmp_path):
+    cfg = BenchConfig(dense=str(smollm2_dir), lengths=[64], rates=[0.5], decode_tokens=2, serve=True,
+                      serve_memory_gb=0.05, serve_max_batch=3, out=str(tmp_path))
+    res = run_bench(cfg, progress=False)
+    d, m = res["serve"]
+    assert (d["model"], m["model"]) == ("dense", "mod")
+    budget = int(0.05 * 2**30)
+    for r in (d, m):
+        assert r["fit_seqs"] == int(budget // r["kv_bytes_per_seq"])  # CPU: no prefill working set counted
+        assert r["batch"] == max(1, min(r["fit_seqs"], 3)) and r["tok_s_b1"] > 0 and r["tok_s_batch"] > 0
+    assert m["kv_bytes_per_seq"] < d["kv_bytes_per_seq"] and m["fit_seqs"] >= d["fit_seqs"]
+    assert m["fit_ratio"] == pytest.approx(m["fit_seqs"] / d["fit_seqs"])
+    assert "| 64 | mod | 0.5 |" in table(res)
+    assert json.loads((tmp_path / "bench.json").read_text())["serve"][1]["fit_seqs"] == m["fit_seqs"]
+
+
+def test_peak_memory_not_measured_is_reported_as_na(smollm2_dir, tmp_path):
+    cfg = BenchConfig(dense=str(smollm2_dir), lengths=[32], rates=[0.5], decode_tokens=1, repeats=1, memory=False,
+                      out=str(tmp_path))
+    res = run_bench(cfg, progress=False)
+    row = res["rows"][0]
+    assert row["peak_ratio"] is None and row["dense_peak_bytes"] is None
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["peak_ratio"] is None
+    assert table(res).rstrip().endswith("| n/a |")
