@@ -25,10 +25,12 @@ def main(argv):
     from mod_train.experiments.probe import start_point
     from mod_train.offline import resolve_model
     from mod_train.parallel import dist as pdist
+    from mod_train.train.preflight import check_locations
     from mod_train.train.trainer import train
 
     if cfg.recipe != "synthetic" and not cfg.recipe.startswith("synthetic:"):
         load_recipe(cfg.recipe, **cfg.data)  # a bad recipe fails here, before any model is loaded
+    check_locations(cfg)  # so does a missing --model/--teacher/--tokenizer folder (the probe start loads the model)
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
     cfg = start_point(cfg)
     res = train(cfg, cfg.train, cfg.mod)

@@ -315,6 +315,44 @@ def test_bad_settings_are_refused_before_any_model_is_loaded(tiny, tmp_path, cas
     assert field in str(e.value) and "\n" not in str(e.value)
 
 
+def test_missing_teacher_is_one_line_before_any_model_is_loaded(tiny, tmp_path, monkeypatch):
+    """issue 18 item 2: --teacher naming a missing folder used to load the student, then die on the hub's
+    'Repo id must be in the form ...'. Now preflight, and the launcher before its probe start, refuse it in one
+    line naming the field, the value and the fix; a teacher of another vocabulary is refused there too."""
+    import importlib.util
+    import time
+    import transformers
+    from mod_train.config import ConfigError
+    from mod_train.train.preflight import PreflightError, check_locations, preflight
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the bad --teacher was refused")
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_load))
+    gone = str(tmp_path / "teachers" / "gone")
+    spec, tc = spec_and_tc(tiny, tmp_path / "o", train={"objective": "kd"}, teacher=gone)
+    t0 = time.perf_counter()
+    with pytest.raises(PreflightError) as e:
+        preflight(spec, tc)
+    msg = str(e.value)
+    assert time.perf_counter() - t0 < 10 and "\n" not in msg, msg
+    assert msg.startswith(f"RunSpec.teacher = {gone!r}: the local folder does not exist") and "hub id" in msg, msg
+    with pytest.raises(PreflightError, match="RunSpec.teacher = .*: the local folder does not exist"):
+        preflight(*spec_and_tc(tiny, tmp_path / "o", teacher=gone))  # refused even where no objective reads it
+    other = make_tiny_model(tmp_path / "other_vocab", vocab=256)
+    with pytest.raises(PreflightError, match=r"RunSpec.teacher = .*: its vocabulary has 256 tokens, the student's "
+                                             r"128 .*; give a teacher that uses the student's tokenizer$"):
+        preflight(*spec_and_tc(tiny, tmp_path / "o", train={"objective": "kd"}, teacher=other))
+    check_locations(spec_and_tc(tiny, tmp_path / "o", teacher="org/name", tokenizer="org/tok")[0])  # hub ids pass
+    assert preflight(*spec_and_tc(tiny, tmp_path / "o", train={"objective": "kd"}, teacher=tiny)).hf_config
+    path = Path(__file__).resolve().parents[1] / "launch" / "adapt.py"
+    spec_ = importlib.util.spec_from_file_location("launcher_adapt_teacher", path)
+    adapt = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(adapt)
+    with pytest.raises(ConfigError, match="RunSpec.teacher = .*: the local folder does not exist"):
+        adapt.main(["--model", tiny, "--out", str(tmp_path / "o2"), "--teacher", gone, "--init", "probe",
+                    "--train.objective", "kd"])
+
+
 @pytest.mark.slow
 def test_trainer_runs_preflight_first(tiny, tmp_path):
     with pytest.raises(RuntimeError) as e:

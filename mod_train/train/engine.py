@@ -102,6 +102,7 @@ def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Bu
     - Otherwise a frozen copy built the way the student is (partitioned under ZeRO-3, no optimizer state) from
       `spec.teacher` or the start model, run as the MoD stack with routing off, so packed documents never
       attend to each other, exactly as in the student.
+    - Its location, config and vocabulary (the student's) were checked by preflight, before any model loaded.
     - `teacher.model` is the module it runs; `teacher.hidden_layers` the layers of the hidden-state term.
     """
     if not tc.uses_teacher:
@@ -126,7 +127,6 @@ def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Bu
         engine, _, _, _ = deepspeed.initialize(model=model, config=dsconfig.for_inference(ds), **kw)
         model = engine.module.eval()
         model._teacher_keepalive = keep
-    _check_vocab(student.model, model)
 
     def teacher(inputs: dict) -> torch.Tensor:
         with model.routing_disabled(), lora.adapters_disabled(model):
@@ -135,11 +135,3 @@ def build_teacher(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, student: Bu
     teacher.model = model  # the hidden-state term reads the teacher's layers through it (objective.capture_hidden)
     teacher.hidden_layers = resolve_hidden_layers(tc, model.config.num_hidden_layers)
     return teacher
-
-
-def _check_vocab(student, teacher) -> None:
-    from mod_train.config import ConfigError
-    vs, vt = student.config.vocab_size, teacher.config.vocab_size
-    if vs != vt:
-        raise ConfigError(f"RunSpec.teacher: the teacher's vocabulary has {vt} tokens, the student's {vs}; "
-                          "distillation compares next-token distributions, so both need the same tokenizer")

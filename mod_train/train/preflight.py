@@ -5,8 +5,9 @@
 `Trainer.setup` calls it first; a launcher can call it too, before starting ranks, and print the
 error as one line (every exception whose message is the whole story derives from mod_train.config.UserError).
 
-Checked: the model location (a missing local folder is reported as such, never as a bad hub id) and
-its config (read, not the weights); the DeepSpeed config file; the recipe (loads and validates); the
+Checked: every model location (RunSpec.model, .teacher, .tokenizer: a missing local folder is reported as
+such, never as a bad hub id) and the configs of the model and the KD teacher (read, not the weights; the
+teacher's vocabulary must be the student's); the DeepSpeed config file; the recipe (loads and validates); the
 output directory (created and writable); numeric ranges of TrainConfig the dataclass leaves open;
 every sequence length against the model's max_position_embeddings; and the tokenizer:
 
@@ -98,16 +99,39 @@ def check_out(out) -> None:
               "choose a directory you can write to (--out)")
 
 
-def read_model_config(model: str):
-    check_model_location(model, "RunSpec.model")
+_MODEL_FIELDS = ("model", "teacher", "tokenizer")  # the RunSpec fields naming a model folder or hub id
+
+
+def check_locations(spec) -> None:
+    """Every model location the run reads (RunSpec.model, .teacher, .tokenizer where set) is an existing local
+    folder or can be a hub id (mod_train.paths); nothing is read. Cheap enough for a launcher to call first."""
+    for name in _MODEL_FIELDS:
+        value = getattr(spec, name, None)
+        if value is not None:
+            check_model_location(value, f"RunSpec.{name}")
+
+
+def read_model_config(model: str, field: str = "RunSpec.model"):
+    """The transformers config of the model `field` names (a local folder must hold config.json; no weights)."""
+    check_model_location(model, field)
     if looks_local(model) and not (Path(model).expanduser() / "config.json").is_file():
-        _fail("RunSpec.model", model, "the folder has no config.json", "point --model at a Hugging Face model directory")
+        _fail(field, model, "the folder has no config.json",
+              f"point --{field.split('.')[-1]} at a Hugging Face model directory")
     from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:
-        _fail("RunSpec.model", model, f"cannot read its config ({str(e).splitlines()[0]})",
+        _fail(field, model, f"cannot read its config ({str(e).splitlines()[0]})",
               "give a model directory or a reachable hub id")
+
+
+def check_teacher(teacher: str, hf_config) -> None:
+    """The KD teacher's config is readable and its vocabulary is the student's (distillation compares
+    next-token distributions), checked before either model is loaded."""
+    vt, vs = read_model_config(teacher, "RunSpec.teacher").vocab_size, hf_config.vocab_size
+    if vt != vs:
+        _fail("RunSpec.teacher", teacher, f"its vocabulary has {vt} tokens, the student's {vs} (distillation "
+              "compares next-token distributions)", "give a teacher that uses the student's tokenizer")
 
 
 def check_ds(ds) -> None:
@@ -137,8 +161,6 @@ def load_run_tokenizer(spec, needed: bool):
     folder has none and `needed` is False."""
     from transformers import AutoTokenizer
     source, field = (spec.tokenizer, "RunSpec.tokenizer") if spec.tokenizer else (spec.model, "RunSpec.model")
-    if spec.tokenizer:
-        check_model_location(spec.tokenizer, "RunSpec.tokenizer")
     if looks_local(source) and not _has_tokenizer_files(source):
         if not needed:
             return None, None
@@ -236,7 +258,10 @@ def _preflight(spec, tc) -> Plan:
     check_numbers(tc)
     check_ds(spec.ds)
     recipe, recipe_key = load_recipe_checked(spec.recipe, getattr(spec, "data", None))
+    check_locations(spec)
     hf_config = read_model_config(spec.model)
+    if spec.teacher is not None and tc.uses_teacher:
+        check_teacher(spec.teacher, hf_config)
     check_lengths(seq_lens(tc, recipe), getattr(hf_config, "max_position_embeddings", None), recipe)
     tok, source = load_run_tokenizer(spec, needed=recipe is not None)
     if tok is not None:
