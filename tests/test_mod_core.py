@@ -162,6 +162,42 @@ def test_from_pretrained_mod_of_dense_checkpoint(tmp_path):
     torch.testing.assert_close(m.model.layers[0].self_attn.q_proj.weight, dense.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_dense_conversion_says_routers_initialised_in_one_line(tmp_path, capsys):
+    """issue 18 item 5: the new routers are one [mod_train] line, not transformers' MISSING rows and its
+    'Consider training' note; a genuinely missing non-router weight is still in transformers' report."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    reports = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        tiny_model(layers=6).save_pretrained(tmp_path / "dense")
+        m = mod_train.from_pretrained_mod(tmp_path / "dense", MoDConfig(router_init="dense", layers=[1, 2, 3, 5]))
+        out = capsys.readouterr()
+        text = out.out + out.err + "\n".join(reports)
+        assert not any(w in text for w in (".router.", "MISSING", "LOAD REPORT", "Consider training")), text
+        assert ("[mod_train] 4 routers initialised (router_init='dense': w=0, b=2.94, gate 0.95) in layers 1..3, 5"
+                in out.out), out.out
+        assert m._keys_to_ignore_on_load_missing == set()  # the class and the instance are as transformers left them
+        assert "_keys_to_ignore_on_load_missing" not in type(m).__dict__
+        f = tmp_path / "dense" / "model.safetensors"
+        weights = load_file(f)
+        del weights["model.layers.0.mlp.up_proj.weight"]
+        save_file(weights, f, metadata={"format": "pt"})
+        reports.clear()
+        mod_train.from_pretrained_mod(tmp_path / "dense", MoDConfig(router_init="zero"))
+        report = "\n".join(reports)
+        assert "model.layers.0.mlp.up_proj.weight" in report and "MISSING" in report, report
+        assert "Consider training" in report and ".router." not in report, report
+        assert "[mod_train] 3 routers initialised (router_init='zero': w=0, b=0, gate 0.5) in layers 1, 3, 5" \
+            in capsys.readouterr().out
+    finally:
+        hf_logger.removeHandler(handler)
+
+
 def test_target_rate_mode_moves_rate_towards_target():
     torch.manual_seed(0)
     m = modify(tiny_model(layers=4), MoDConfig(router_init="dense", target_rate=0.25, target_weight=5.0))

@@ -20,8 +20,9 @@ Threshold calibration, the router probe and random routers live in calibrate.py.
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -223,16 +224,65 @@ def modify(model, cfg: MoDConfig | None = None):
     return model
 
 
+ROUTER_KEYS = r"(^|\.)layers\.\d+\.router\.(weight|bias)$"
+"""The router parameters' names (a regex, as transformers' `_keys_to_ignore_on_load_missing` takes them)."""
+
+
+_UNSET = object()
+
+
+@contextmanager
+def _routers_expected_missing(cls):
+    """While loading a dense checkpoint into `cls`, its routers are expected to be missing: they are left out of
+    transformers' load report (via `_keys_to_ignore_on_load_missing`, read when the model is built), while
+    anything else missing or unexpected is still reported. The class is restored on exit."""
+    own = cls.__dict__.get("_keys_to_ignore_on_load_missing", _UNSET)
+    inherited = getattr(cls, "_keys_to_ignore_on_load_missing", None) or ()
+    cls._keys_to_ignore_on_load_missing = [*inherited, ROUTER_KEYS]
+    try:
+        yield
+    finally:
+        if own is _UNSET:
+            del cls._keys_to_ignore_on_load_missing
+        else:
+            cls._keys_to_ignore_on_load_missing = own
+
+
+def _layer_ranges(ix: list[int]) -> str:
+    """[2, 3, 4, 7] -> '2..4, 7' (runs of consecutive layers as a..b)."""
+    runs: list[list[int]] = []
+    for i in ix:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
+def _say_routers_initialised(model, cfg: MoDConfig) -> None:
+    """One line (rank 0 of a distributed world) instead of transformers' MISSING rows for the new routers."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
+    b, ix = cfg.init_logit(), model.routed_layers
+    print(f"[mod_train] {len(ix)} routers initialised (router_init={cfg.router_init!r}: w=0, b={b:.3g}, gate "
+          f"{1 / (1 + math.exp(-b)):.3g}) in layers {_layer_ranges(ix)}: new, a dense checkpoint has none",
+          flush=True)
+
+
 def from_pretrained_mod(path, cfg: MoDConfig | None = None, gather: Gather | None = None, **hf_kwargs):
     """Load a checkpoint as a MoD model: a dense HF checkpoint with `cfg` (routers freshly initialised,
-    through `gather` when partitioned: see `init_routers`), or a saved MoD checkpoint (its own MoD settings
-    unless `cfg` is given)."""
+    through `gather` when partitioned: see `init_routers`, and said so in one line rather than as transformers'
+    MISSING rows), or a saved MoD checkpoint (its own MoD settings unless `cfg` is given)."""
     config = AutoConfig.from_pretrained(path, **{k: v for k, v in hf_kwargs.items() if k in ("revision",)})
     if cfg is None:
         cfg = MoDConfig.from_dict(config.mod) if getattr(config, "mod", None) else MoDConfig()
     new_config = mod_hf_config(config, cfg)
     _, cls = _classes_for(config)
-    model = cls.from_pretrained(path, config=new_config, **hf_kwargs)
-    if not config.model_type.startswith("mod_"):
+    dense = not config.model_type.startswith("mod_")
+    with _routers_expected_missing(cls) if dense else nullcontext():
+        model = cls.from_pretrained(path, config=new_config, **hf_kwargs)
+    if dense:
+        model._keys_to_ignore_on_load_missing.discard(ROUTER_KEYS)  # the instance's copy: later loads report them
         init_routers(model, cfg, gather)  # fresh routers: never left to a generic initialiser
+        _say_routers_initialised(model, cfg)
     return model
