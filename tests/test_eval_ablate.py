@@ -100,3 +100,27 @@ def test_recovery_variants_and_the_baselines_that_decide(tmp_path):
     assert by["mod"]["kv_saving"] == 1 / v["threshold"]["kv_ideal"] and by["mod"]["ppl"] == v["threshold"]["ppl"]
     assert (tmp_path / "curve.png").stat().st_size > 0
     assert "static pruning, trained the same" in (tmp_path / "curve.md").read_text()
+
+
+def test_routed_start_with_sink_kept_kv_and_rate_hold(tmp_path):
+    """Issue 17's variants through the ablation: the routed start writes the per-layer allocation, the run trains
+    with it held (rate_hold window), sinks and kept K/V; the held rate is the budget; the curve draws the variant
+    as its own series."""
+    _, out = _ablate(tmp_path, "--variants", "[dense,rk,pruned_trained]", "--steps", "2", "--lr", "1e-3",
+                     "--warmup_steps", "0", "--eval_tokens", "64", "--prefill_tokens", "32", "--init", "allocated",
+                     "--init_rate", "0.5", "--target_rate", "0.5", "--prune_layers", "2",
+                     "--mod_overrides", '{"layers": "all", "gate_form": "ste", "target_scope": "global"}',
+                     "--train_overrides", '{"objective": "kd", "rate_control": "thresholds"}',
+                     "--variant_overrides", '{"rk": {"init": "routed", "mod": {"sink_tokens": 1, "skipped_kv": "keep",'
+                     ' "rate_hold": "window", "rate_window": 16}}}')
+    v = json.loads((out / "results.json").read_text())["variants"]
+    saved = json.loads((out / "rk" / "init_model" / "config.json").read_text())["mod"]
+    assert saved["rate_hold"] == "window" and len(saved["layer_rates"]) == 4
+    assert v["rk"]["mod"]["skipped_kv"] == "keep" and v["rk"]["mod"]["layer_rates"] == saved["layer_rates"]
+    assert abs(v["rk"]["rate"] - 0.5) < 0.15  # 32-token windows: the sink and short windows run a little more
+    assert v["rk"]["kv_ideal"] == 1.0 - sum(p >= 1 for p in saved["layer_thresholds"].values()) / 4
+    from mod_train.experiments.curve import CurveConfig, run_curve
+    rows = run_curve(CurveConfig(results=[str(out / "results.json")], mod_variant="none",
+                                 extra_variants={"rk": "routed, sink 1, kept K/V, held"}, out=str(tmp_path / "c")))
+    assert [r["series"] for r in rows] == ["extra:rk", "pruned_trained"]
+    assert "routed, sink 1, kept K/V, held" in (tmp_path / "c.md").read_text()

@@ -300,7 +300,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
                 cap = res["variants"]["threshold"]["rate"]
             mcfg = variant_mod_config(v, cfg, cap)
             model, info = train_variant(v, mcfg, cfg, cfg.model, cfg.variant_overrides.get(v), teacher=cfg.model)
-            row = {"trained": True, "mod": mcfg.to_dict(), **info, **evaluate(model, ids, cfg, v, unseen)}
+            row = {"trained": True, "mod": model.mod_config.to_dict(), **info, **evaluate(model, ids, cfg, v, unseen)}
             if v == "topk":  # the non-servable reference: non-causal top-k selection at evaluation
                 model.set_mod_config(dataclasses.replace(model.mod_config, topk_causal_eval=False))
                 nc = evaluate(model, ids, cfg, "topk (non-causal)")

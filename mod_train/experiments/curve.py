@@ -24,6 +24,8 @@ class CurveConfig:
     """Ablation results.json files, one budget each (a file without a MoD or pruned row only adds what it has)."""
     mod_variant: str = "threshold"
     """The variant holding the MoD recipe in every file."""
+    extra_variants: dict[str, str] = field(default_factory=dict)
+    """More MoD variants drawn as their own series: {variant name: label} (files without one skip it)."""
     out: str = "runs/curve"
     """Output prefix: <out>.png and <out>.md."""
 
@@ -41,16 +43,18 @@ def collect(cfg: CurveConfig) -> tuple[dict | None, list[dict]]:
         res = json.loads(Path(path).read_text())
         v = res["variants"]
         dense = dense or v.get("dense")
-        for key, name in (("mod", cfg.mod_variant), ("pruned_trained", "pruned_trained"), ("pruned", "pruned")):
+        extras = [(f"extra:{n}", n) for n in cfg.extra_variants]
+        for key, name in [("mod", cfg.mod_variant), *extras, ("pruned_trained", "pruned_trained"), ("pruned", "pruned")]:
             r = v.get(name)
             if r is None:
                 continue
-            rows.append({"series": key, "source": str(path), "steps": res["config"]["steps"],
+            rows.append({"series": key, "label": SERIES.get(key) or cfg.extra_variants[name], "source": str(path), "steps": res["config"]["steps"],
                          "seq_len": res["config"]["seq_len"], "kv_saving": _kv_saving(r, False),
                          "kv_saving_unseen": _kv_saving(r, True), "rate": r.get("rate"),
                          "rate_unseen": r.get("rate_unseen"), "ppl": r["ppl"], "ppl_unseen": r.get("ppl_unseen"),
                          "layers_deleted": len(r.get("layers_deleted", []))})
-    rows.sort(key=lambda r: (list(SERIES).index(r["series"]), r["kv_saving"]))
+    order = ["mod", *[f"extra:{n}" for n in cfg.extra_variants], "pruned_trained", "pruned"]
+    rows.sort(key=lambda r: (order.index(r["series"]), r["kv_saving"]))
     return dense, rows
 
 
@@ -64,8 +68,8 @@ def render(dense: dict | None, rows: list[dict]) -> str:
     if dense:
         lines.append(f"| dense | 1.00x / 1.00x | 1 / 1 | {dense['ppl']:.2f} | {_f(dense.get('ppl_unseen'))} | 1.00 | 1.00 | - |")
     for r in rows:
-        rate = "-" if r["series"] != "mod" else f"{r['rate']:.3f} / {_f(r['rate_unseen'], '.3f')}"
-        what = SERIES[r["series"]] + (f" ({r['layers_deleted']} layers deleted)" if r["layers_deleted"] else "")
+        rate = "-" if r["series"].startswith("pruned") else f"{r['rate']:.3f} / {_f(r['rate_unseen'], '.3f')}"
+        what = r["label"] + (f" ({r['layers_deleted']} layers deleted)" if r["layers_deleted"] else "")
         rel = "- | -" if not dense else f"{r['ppl'] / dense['ppl']:.2f} | " + \
             (_f(r["ppl_unseen"] / dense["ppl_unseen"]) if r["ppl_unseen"] and dense.get("ppl_unseen") else "-")
         tokens = "-" if r["series"] == "pruned" else f"{r['steps']} x {r['seq_len']}"
@@ -81,13 +85,13 @@ def plot(dense: dict | None, rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     for ax, unseen in zip(axes, (False, True)):
         ppl, kv = ("ppl_unseen", "kv_saving_unseen") if unseen else ("ppl", "kv_saving")
-        for key, label in SERIES.items():
+        for key in dict.fromkeys(r["series"] for r in rows):
             pts = sorted((r[kv], r[ppl]) for r in rows if r["series"] == key and r[ppl] is not None)
             if pts:
                 style = {"mod": dict(marker="o", markersize=9, linewidth=3, alpha=0.6),
                          "pruned_trained": dict(marker="x", markersize=8, linewidth=1.2),
-                         "pruned": dict(marker="o", linestyle=":")}[key]
-                ax.plot(*zip(*pts), label=label, **style)
+                         "pruned": dict(marker="o", linestyle=":")}.get(key, dict(marker="s", linewidth=1.5))
+                ax.plot(*zip(*pts), label=next(r["label"] for r in rows if r["series"] == key), **style)
         if dense and dense.get(ppl):
             ax.plot([1.0], [dense[ppl]], marker="*", markersize=10, color="black", linestyle="", label="dense")
         ax.set_xlim(0.95, max([r[kv] for r in rows] + [1.2]) + 0.1)
