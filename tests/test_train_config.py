@@ -2,6 +2,7 @@
 parameter groups and trainable selection, memory plans, checkpoint bookkeeping."""
 import json
 import math
+import os
 
 import pytest
 
@@ -167,3 +168,42 @@ def test_find_resume_skips_incomplete_and_reports(tmp_path, capsys):
     assert "FALLING BACK" in capsys.readouterr().out
     diffs = ckpt.compare_fingerprints({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
     assert diffs == ["b.c: checkpoint has 2, this run has 3"]
+
+
+def test_cuda_arch_list_set_when_unset_and_cuda_present(monkeypatch, capsys):
+    """issue 16 item 5: DeepSpeed's op builder cannot parse torch's 'sm_90a' (CUDA 13, Hopper), so every launcher
+    (parallel.dist.init, before DeepSpeed is imported) sets TORCH_CUDA_ARCH_LIST to the visible devices'
+    capabilities when it is unset, in one line on rank 0; never when the user set it, never without CUDA."""
+    import torch
+    from mod_train.parallel import dist as pdist
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: [(9, 0), (8, 0), (9, 0)][i])
+    assert pdist.default_cuda_arch_list() == "8.0;9.0"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "[mod_train] TORCH_CUDA_ARCH_LIST was unset: set to '8.0;9.0'" in out, out
+    assert pdist.default_cuda_arch_list() is None and capsys.readouterr().out == ""  # set now: left alone
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")  # the user's value, whatever it is
+    assert pdist.default_cuda_arch_list() is None and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setenv("RANK", "1")  # other ranks set it silently
+    assert pdist.default_cuda_arch_list() == "8.0;9.0" and capsys.readouterr().out == ""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pdist.default_cuda_arch_list() is None and "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert capsys.readouterr().out == ""
+
+    class Called(Exception):
+        pass
+
+    def called():
+        raise Called
+
+    monkeypatch.setattr(pdist, "default_cuda_arch_list", called)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(Called):  # init() takes this step before its DeepSpeed imports and the process group
+        pdist.init()
