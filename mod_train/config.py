@@ -252,6 +252,9 @@ class TrainConfig:
     """Cosine decay floor as a fraction of the peak learning rate."""
     warmup_steps: int = 50
     """Linear warm-up steps before the cosine decay."""
+    router_stage_steps: int = 0
+    """First optimizer steps in which only the routers learn (every other group at lr 0: a routers-only stage on the
+    frozen model, as SkipGPT trains before LoRA); the other groups' warm-up and decay start after it."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to routers, norms and biases)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -353,6 +356,8 @@ class TrainConfig:
                 f"(it is {self.objective!r}) or the weight to 0")
         if self.rate_warmup_steps < 0:
             bad("rate_warmup_steps", "must be >= 0 (0: no anneal)")
+        if not 0 <= self.router_stage_steps <= self.max_steps:
+            bad("router_stage_steps", f"must lie in [0, max_steps={self.max_steps}] (0: no routers-only stage)")
         if not 0 < self.rate_start <= 1:
             bad("rate_start", "an execution rate lies in (0, 1]")
 

@@ -205,3 +205,24 @@ def test_lora_zero3_two_ranks_match_one_process(tmp_path):
         for k in ("loss/lm", "loss/kd", "loss/aux"):
             assert a[s][k] == pytest.approx(b[s][k], rel=2e-5, abs=1e-6), (s, k, a[s][k], b[s][k])
     assert a[3]["loss/kd"] > 0
+
+
+def test_routers_only_stage_then_lora(tmp_path):
+    """router_stage_steps=2: the first two steps move the routers only (the adapters stay at their init, their
+    lr is 0), the third moves the adapters too; the schedule of the other groups starts after the stage."""
+    from mod_train.config import TrainConfig
+    from mod_train.train.optim import group_lr_lambdas
+    tc = TrainConfig(max_steps=6, warmup_steps=1, router_stage_steps=2)
+    router, other = group_lr_lambdas(tc, ["router", "decay"])
+    assert [other(s) for s in range(3)] == [0.0, 0.0, 0.5] and router(0) == 0.5
+    tiny = make_tiny_model(tmp_path / "model")
+    runs = {}
+    for steps in (2, 3):
+        res = run_ranks(train_worker, 1, tiny, tmp_path / f"run{steps}", "ds_configs/zero1.json",
+                        {**LORA, "max_steps": steps, "router_stage_steps": 2})
+        assert res[0]["status"] == "completed"
+        runs[steps] = _checkpoint_state(tmp_path / f"run{steps}")
+    lora_b = {k: v for k, v in runs[2].items() if "lora_B" in k}
+    assert lora_b and all(v.abs().max() == 0 for v in lora_b.values())  # B starts at zero and did not move
+    assert any(v.abs().max() > 0 for k, v in runs[2].items() if "router" in k and k.endswith("weight"))
+    assert all(runs[3][k].abs().max() > 0 for k in lora_b)

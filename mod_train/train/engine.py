@@ -74,7 +74,7 @@ def build_engine(spec: RunSpec, tc: TrainConfig, mod_cfg, ds: dict, tp: int = 1,
         before_engine(model)
     groups = param_groups(model, tc)
     kw = {} if mpu is None else {"mpu": mpu}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler(tc),
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler(tc, [g["name"] for g in groups]),
                                            config=dsconfig.for_engine(ds), **kw)
     pipe = hasattr(engine, "train_batch")
     module = model if pipe else engine.module

@@ -5,6 +5,7 @@ decide what it sees. Used for both engine kinds (train/engine.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -66,6 +67,20 @@ def lr_lambda(tc: TrainConfig):
     return f
 
 
-def scheduler(tc: TrainConfig):
-    """The lr-scheduler factory deepspeed.initialize calls with the optimizer it built."""
-    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+def group_lr_lambdas(tc: TrainConfig, names: list[str]) -> list:
+    """One multiplier per param group: the routers follow `lr_lambda`; with `router_stage_steps` = n every other
+    group stays at 0 for the first n steps and then runs the same schedule shifted by n (its own warm-up)."""
+    base = lr_lambda(tc)
+    n = tc.router_stage_steps
+    if n == 0:
+        return [base for _ in names]
+    late = lr_lambda(dataclasses.replace(tc, max_steps=tc.max_steps - n))
+
+    def shifted(step: int) -> float:
+        return 0.0 if step < n else late(step - n)
+    return [base if name == "router" else shifted for name in names]
+
+
+def scheduler(tc: TrainConfig, names: list[str]):
+    """The lr-scheduler factory deepspeed.initialize calls with the optimizer it built from the groups `names`."""
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, group_lr_lambdas(tc, names))
