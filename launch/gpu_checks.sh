@@ -3,7 +3,9 @@
 #  1. the CUDA tests (bf16 routed layers, cached decoding, flash-attn varlen when installed),
 #  2. bf16 ZeRO-3 training on CUDA through launch/adapt.py + export + reload,
 #  3. the efficiency benchmark at long context: SmolLM2-135M-shaped and a 1B Llama-shaped model
-#     (random weights: latency and memory do not depend on the weights; thresholds are calibrated).
+#     (random weights: latency and memory do not depend on the weights; thresholds are calibrated),
+#  4. the serving benchmark (bench.py --serve) on a Llama-3.2-3B-shaped model at 8k and 32k: decode tokens/s at
+#     batch 1 and at the largest batch that fits, and how many 32k sequences fit, dense vs MoD at 0.5 / 0.125.
 # Offline GPU boxes: put wheels in .whl/ (transformers 5.24, deepspeed sdist, ...) and the SmolLM2
 # tokenizer files in .gpu_tok/; they are installed to /tmp/site first.
 set -uo pipefail
@@ -26,7 +28,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 echo "== 1. CUDA tests"
-$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_generation.py 2>&1 | tail -5
+$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_generation.py tests/test_routing_semantics.py \
+  tests/test_decode_syncs.py 2>&1 | tail -5
 
 echo "== random-weight models"
 $PY - "$TOK" <<'PY'
@@ -38,7 +41,10 @@ big = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, nu
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                   tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
 smol.max_position_embeddings = 32768
-for name, cfg in (("smol", smol), ("llama1b", big)):
+l3b = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                  num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=32768, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+for name, cfg in (("smol", smol), ("llama1b", big), ("llama3b", l3b)):
     torch.manual_seed(0)
     with torch.device("cuda"):
         m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -64,10 +70,15 @@ print("generate", m.generate(ids[:, :16], max_new_tokens=8, do_sample=False).sha
 PY
 
 echo "== 3. efficiency benchmark (bf16)"
-timeout 150 $PY launch/bench.py --dense /tmp/smol --lengths [4096,8192,16384,32768] --rates [0.5,0.25,0.125] \
+timeout 120 $PY launch/bench.py --dense /tmp/smol --lengths [8192,32768] --rates [0.5,0.25,0.125] \
   --dtype bfloat16 --device cuda --decode_tokens 32 --repeats 3 --train_lengths [8192] --out /tmp/bench_smol 2>&1 | grep -v "bench:" | tail -20
 cp /tmp/bench_smol/bench.json "$OUT/bench_smol.json"; cp /tmp/bench_smol/bench.png "$OUT/bench_smol.png"
-timeout 150 $PY launch/bench.py --dense /tmp/llama1b --lengths [4096,8192,16384,32768] --rates [0.5,0.25,0.125] \
+timeout 120 $PY launch/bench.py --dense /tmp/llama1b --lengths [8192,32768] --rates [0.5,0.25,0.125] \
   --dtype bfloat16 --device cuda --decode_tokens 32 --repeats 3 --train_lengths [8192] --out /tmp/bench_1b 2>&1 | grep -v "bench:" | tail -20
 cp /tmp/bench_1b/bench.json "$OUT/bench_1b.json"; cp /tmp/bench_1b/bench.png "$OUT/bench_1b.png"
+
+echo "== 4. serving benchmark (bf16, 3B shape)"
+timeout 150 $PY launch/bench.py --serve true --dense /tmp/llama3b --lengths [8192,32768] --rates [0.5,0.125] \
+  --dtype bfloat16 --device cuda --decode_tokens 16 --serve_max_batch 32 --out /tmp/serve_3b 2>&1 | grep -v "serve:" | tail -12
+cp /tmp/serve_3b/bench.json "$OUT/serve_3b.json"
 ls "$OUT"
