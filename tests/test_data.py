@@ -264,6 +264,72 @@ def test_rank_shards_are_disjoint_and_complete(tmp_path, tok):
         assert all(rows_equal(a, b) for a, b in zip(parts[1][0], again))
 
 
+# -- elastic re-sharding ---------------------------------------------------------------------------------
+def coverage(rows) -> dict:
+    """{(source, epoch, position): sorted [(token offset, tokens)]} of every document segment in `rows`."""
+    cov = {}
+    for row in rows:
+        real = row["source_ids"] >= 0
+        for d, (name, e, p, offset) in enumerate(row["docs"]):
+            cov.setdefault((name, e, p), []).append((offset, int(((row["doc_ids"] == d) & real).sum())))
+    return {k: sorted(v) for k, v in cov.items()}
+
+
+def assert_each_token_once(cov, reference):
+    """Every document of `reference` covered from its first to its last token, no token twice, nothing else."""
+    assert cov.keys() == reference.keys()
+    for doc, pieces in cov.items():
+        end = 0
+        for offset, n in pieces:
+            assert offset == end, (doc, pieces)  # a gap is a skipped token, an overlap a token trained twice
+            end += n
+        assert end == sum(n for _o, n in reference[doc]), doc
+
+
+def drain(streams):
+    """Rows of every stream to its end (the sources' last pass), warnings about exhausted sources muted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [row for s in streams for row in s]
+
+
+@pytest.mark.parametrize("layouts", [(2, 1), (1, 2), (2, 3), (3, 2, 4)], ids=["2-1", "1-2", "2-3", "3-2-4"])
+def test_resharded_streams_train_every_token_once(tmp_path, tok, layouts):
+    """A run that changes its data-parallel size (2 -> 1, 1 -> 2, 2 -> 3, 3 -> 2 -> 4) takes ranks' shares of
+    what the old ranks had not consumed: over the whole run every token of every document is in exactly one
+    row, as in an uninterrupted run (several open documents cut mid-way, one source read twice)."""
+    sources = [
+        {"name": "a", "path": write_jsonl(tmp_path / "a.jsonl", 40, 20, 200, seed=1), "weight": 0.4, "repeat": 2,
+         "shuffle_block": 5},
+        {"name": "b", "path": write_jsonl(tmp_path / "b.jsonl", 13, 200, 700, seed=2), "weight": 0.6, "repeat": False},
+    ]
+    r = recipe(tmp_path, sources=sources, open_docs=3)
+    reference = coverage(drain([PackedStream(r, tok, drop_last=False)]))
+    rows, states = [], None
+    for k, world in enumerate(layouts):
+        streams = [PackedStream(r, tok, dp_rank=i, dp_world_size=world, drop_last=False) for i in range(world)]
+        if states is not None:
+            for s in streams:
+                s.load_resharded(json.loads(json.dumps(states)))
+        if k + 1 < len(layouts):
+            for s in streams:
+                rows += take(s, 6)
+            states = [s.state_dict() for s in streams]
+        else:
+            rows += drain(streams)
+    assert_each_token_once(coverage(rows), reference)
+    assert {e for (_n, e, _p) in reference} == {0, 1}
+
+
+def test_resharding_needs_every_old_rank_of_one_layout(tmp_path, tok):
+    r = recipe(tmp_path)
+    old = [PackedStream(r, tok, dp_rank=i, dp_world_size=2) for i in range(2)]
+    for s in old:
+        take(s, 2)
+    with pytest.raises(DataError, match="different"):
+        PackedStream(r, tok).load_resharded([old[1].state_dict(), old[0].state_dict()])
+
+
 # -- determinism -----------------------------------------------------------------------------------------
 def test_deterministic_for_a_seed(tmp_path, tok):
     r = recipe(tmp_path)

@@ -39,6 +39,16 @@ size); the stream needs neither and still resumes in well under a second per sou
 Data parallelism: rank r takes the records whose position is r modulo the world size (so the ranks'
 documents are disjoint and together complete); tensor-parallel peers pass the same dp_rank and get
 identical rows.
+
+Elastic resume (`load_resharded`, another data-parallel size M than the N ranks that saved): the contract is
+the global document order, per source the records by (epoch, position). Old rank r has consumed exactly the
+records of its class (position % N == r) before its cursor, so the consumed set is the "skip layer" (N, the
+N cursors); a new rank takes the records of its class modulo M that no skip layer consumed, starting at the
+smallest old cursor, and the old ranks' open documents (with the tokens already packed) are dealt out to the
+new ranks. No document is trained twice and none is skipped; layers compose over several resumes and are
+dropped once a rank's cursor has passed them. What is only approximate: the share accounting and the
+rows/documents counters are the old totals split evenly, so the rows after a resume are packed differently
+from an uninterrupted run at either size (the same documents, other neighbours).
 """
 from __future__ import annotations
 
@@ -59,7 +69,9 @@ from mod_train.data.sources import BadRecord, RawSource, parse, stable_hash, uni
 
 TENSOR_KEYS = ("input_ids", "position_ids", "doc_ids", "labels", "source_ids")
 IGNORE_INDEX = -100
-_STATE_VERSION = 2  # 2: open documents by position (1 held the pending document's token ids)
+_STATE_VERSION = 3  # 3: readers may carry skip layers (elastic resume); 2: open documents by position
+_READS_VERSIONS = (2, 3)  # a version-2 state is a version-3 state without skip layers
+_DONE = [1 << 62, 0]  # the cursor of a reader that has read all its passes: after every (epoch, position)
 _TOKENIZE_CHARS = 1 << 20  # a tokenisation batch stops at this many characters (bounds resume work)
 MODEL_TOKENIZER = "model"  # recipe `tokenizer:` value: the training model's own tokenizer
 
@@ -147,14 +159,29 @@ class _Reader:
         rep = self.src.repeat
         self.max_epochs = 1 if stream.split == "heldout" else (None if rep is True else 1 if rep is False else int(rep))
         self.epoch, self.pos, self.done = 0, 0, False
+        self.skip: list[dict] = []  # elastic resume: {"world": N, "cursors": [[epoch, pos] per old rank]}
         self._gen = None
 
+    def cursor(self) -> list:
+        """[epoch, next position]: every record of this rank's class before it is consumed."""
+        return list(_DONE) if self.done else [self.epoch, self.pos]
+
     def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "done": self.done}
+        st = {"epoch": self.epoch, "pos": self.pos, "done": self.done}
+        live = [L for L in self.skip if self.cursor() < max(L["cursors"])]  # a passed layer skips nothing ahead
+        if live:
+            st["skip"] = live
+        return st
 
     def load(self, st: dict) -> None:
         self.epoch, self.pos, self.done = int(st["epoch"]), int(st["pos"]), bool(st["done"])
+        self.skip = [{"world": int(L["world"]), "cursors": [[int(e), int(p)] for e, p in L["cursors"]]}
+                     for L in st.get("skip", [])]
         self._gen = None
+
+    def _consumed(self, epoch: int, pos: int) -> bool:
+        """Whether a run before an elastic resume already took the record (epoch, pos)."""
+        return any([epoch, pos] < L["cursors"][pos % L["world"]] for L in self.skip)
 
     def next(self):
         """-> (epoch, position, title, ids) or None when the source is exhausted."""
@@ -176,7 +203,7 @@ class _Reader:
             raw_seen, kept, batch, chars = False, 0, [], 0
             for p, entry in self.raw.iter_epoch(epoch, pos):
                 raw_seen = True
-                if p % s.dp_world_size != s.dp_rank:
+                if p % s.dp_world_size != s.dp_rank or (self.skip and self._consumed(epoch, p)):
                     continue
                 try:
                     title, text = parse(entry, src)
@@ -197,10 +224,10 @@ class _Reader:
                 kept += 1
                 yield d
             s._bad.check(src.name, self.raw.record_files())
-            if pos == 0 and not raw_seen:
+            if pos == 0 and not raw_seen and not self.skip:
                 raise DataError(f"source '{src.name}' is empty: no documents in "
                                 f"{src.hub_id or src.path}")
-            if pos == 0 and not kept and s.split == "train":
+            if pos == 0 and not kept and s.split == "train" and not self.skip:
                 raise DataError(f"source '{src.name}' yields no training documents for data-parallel rank "
                                 f"{s.dp_rank}/{s.dp_world_size} after filters (min_doc_tokens, held-out split)")
             epoch, pos = epoch + 1, 0
@@ -307,10 +334,12 @@ class PackedStream:
         self.doc_log: Optional[list] = None  # set to [] to record (source index, tokens) per opened document
 
     # -- identity ----------------------------------------------------------------------------------
-    def fingerprint(self) -> str:
+    def fingerprint(self, dp_rank: Optional[int] = None, dp_world_size: Optional[int] = None) -> str:
+        """Identity of the stream (of data-parallel rank `dp_rank` of `dp_world_size`; default: this one's)."""
         r = self.recipe
+        dp = (self.dp_rank, self.dp_world_size) if dp_world_size is None else (dp_rank, dp_world_size)
         key = [r.seed, r.append_eos, r.eos_token, r.tokenizer, self.split, self.stage, self.seq_len,
-               self.dp_rank, self.dp_world_size, r.heldout.fraction, sorted(r.heldout.titles), r.open_docs]
+               *dp, r.heldout.fraction, sorted(r.heldout.titles), r.open_docs]
         for s in r.sources:
             key.append([s.name, s.type, s.path, s.hub_id, s.text_field, round(s.weight, 9), s.min_doc_tokens,
                         s.max_doc_tokens, s.short_doc_tokens, s.short_keep_prob, s.repeat, s.shuffle_block])
@@ -431,13 +460,7 @@ class PackedStream:
                 "bad": {"seen": dict(self._bad.seen), "bad": dict(self._bad.bad)}}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != _STATE_VERSION:
-            raise DataError(f"data state version {state.get('version')} cannot resume this stream (version "
-                            f"{_STATE_VERSION}): it was saved by another mod_train; resume with that version, or "
-                            "start the data stream afresh (drop the checkpoint's 'data' entry)")
-        if state["fingerprint"] != self.fingerprint():
-            raise DataError("data state was saved for a different recipe, stage, seq_len, split, open_docs or "
-                            "data-parallel layout; it cannot resume this stream exactly")
+        self._check_state(state, self.dp_rank, self.dp_world_size)
         self.rows = int(state["rows"])
         self.tokens = [int(t) for t in state["tokens"]]
         self.docs = [int(t) for t in state["docs"]]
@@ -447,6 +470,50 @@ class PackedStream:
         self._open = [self._reopen(i, saved) for i, saved in enumerate(state["open"])]
         self._bad.seen.update(state.get("bad", {}).get("seen", {}))
         self._bad.bad.update(state.get("bad", {}).get("bad", {}))
+
+    def _check_state(self, state: dict, dp_rank: int, dp_world_size: int) -> None:
+        if state.get("version") not in _READS_VERSIONS:
+            raise DataError(f"data state version {state.get('version')} cannot resume this stream (version "
+                            f"{_STATE_VERSION}): it was saved by another mod_train; resume with that version, or "
+                            "start the data stream afresh (drop the checkpoint's 'data' entry)")
+        if state["fingerprint"] != self.fingerprint(dp_rank, dp_world_size):
+            raise DataError("data state was saved for a different recipe, stage, seq_len, split, open_docs or "
+                            "data-parallel layout; it cannot resume this stream exactly")
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Elastic resume: continue from the states of ALL the ranks of a run with another data-parallel size
+        (states[r] = old rank r's state_dict). This rank takes its share of what they had not consumed: the
+        records of its class modulo this run's size that no old rank took, and every M-th of their open
+        documents, where each left off (module docstring)."""
+        n, m, me = len(states), self.dp_world_size, self.dp_rank
+        for r, st in enumerate(states):
+            self._check_state(st, r, n)
+        rows = sum(int(st["rows"]) for st in states)
+        readers, open_ = [], []
+        for i in range(len(self.source_names)):
+            old = [st["readers"][i] for st in states]
+            cursors = [list(_DONE) if rd["done"] else [int(rd["epoch"]), int(rd["pos"])] for rd in old]
+            start = min(cursors)
+            layers = [{"world": n, "cursors": cursors}]
+            for rd in old:
+                layers += [L for L in rd.get("skip", []) if L not in layers]
+            done = start == _DONE
+            readers.append({"epoch": 0 if done else start[0], "pos": 0 if done else start[1], "done": done,
+                            "skip": [] if done else [L for L in layers if start < max(L["cursors"])]})
+            docs = sorted((d for st in states for d in st["open"][i]), key=lambda d: (d[0], d[1]))
+            open_.append(docs[me::m])
+        bad = {k: defaultdict(int) for k in ("seen", "bad")}
+        for st in states:
+            for k, counts in st.get("bad", {}).items():
+                for f, c in counts.items():
+                    bad[k][f] += int(c)  # every new rank judges its files by the totals so far (same fractions)
+        split = lambda total: total // m + (me < total % m)  # noqa: E731
+        self.load_state_dict({
+            "version": _STATE_VERSION, "fingerprint": self.fingerprint(), "rows": split(rows),
+            "tokens": [sum(int(st["tokens"][i]) for st in states) // m for i in range(len(readers))],
+            "docs": [sum(int(st["docs"][i]) for st in states) // m for i in range(len(readers))],
+            "finished": all(st.get("finished", False) for st in states), "readers": readers, "open": open_,
+            "bad": {k: dict(v) for k, v in bad.items()}})
 
     def _reopen(self, i: int, saved: list) -> list[_OpenDoc]:
         """Source i's open documents, re-read from their (epoch, position) and re-tokenised: only these

@@ -62,6 +62,16 @@ class SyntheticStream:
             raise ValueError(f"data state was saved with {st['dp_world']} data-parallel ranks, this run has {self.dp_world}")
         self.index = st["index"]
 
+    def load_resharded(self, states: list[dict]) -> None:
+        """Elastic resume from ALL the ranks' states of a run with another data-parallel size: they took the
+        same number of rows k each, so rows [0, k * N) are consumed and this rank continues at k * N + rank."""
+        n = len(states)
+        taken = {(st["index"] - st["dp_rank"]) // n for st in states}
+        if len(taken) != 1 or any(st["dp_world"] != n for st in states):
+            raise ValueError(f"the {n} data states to re-shard took different numbers of rows {sorted(taken)}: "
+                             "they are not one step's states of one run")
+        self.index = taken.pop() * n + self.dp_rank
+
 
 class CurriculumStream:
     """The recipe's length curriculum: stage after stage of mod_train.data.PackedStream rows; the
@@ -99,6 +109,17 @@ class CurriculumStream:
         self.stage = st["stage"]
         self._open()
         self.inner.load_state_dict(st["inner"])
+
+    def load_resharded(self, states):
+        """Elastic resume from ALL the ranks' states of a run with another data-parallel size (same stage)."""
+        from mod_train.data.recipe import DataError
+        stages = sorted({st["stage"] for st in states})
+        if len(stages) != 1:
+            raise DataError(f"the data states to re-shard are in different curriculum stages {stages}: they are "
+                            "not one step's states of one run")
+        self.stage = stages[0]
+        self._open()
+        self.inner.load_resharded([st["inner"] for st in states])
 
 
 def build_stream(recipe: str, *, seq_len: int | None, seed: int, dp_rank: int, dp_world_size: int,
@@ -147,3 +168,6 @@ class StepRows:
 
     def load_state_dict(self, st):
         self.stream.load_state_dict(st)
+
+    def load_resharded(self, states):
+        self.stream.load_resharded(states)
