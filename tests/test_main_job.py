@@ -45,6 +45,12 @@ def test_main_job_end_to_end_reduced(tmp_path):
     assert (run / "model" / "config.json").is_file() and (run / "init_model" / "config.json").is_file()
     cfg = json.loads((run / "model" / "config.json").read_text())
     assert cfg["model_type"].startswith("mod_") and cfg["mod"]["target_rate"] == 0.7308 and cfg["mod"]["gate_form"] == "ste"
+    # the token-adaptive recipe: the routed start's per-layer rates, held; the sink; kept K/V
+    m = cfg["mod"]
+    assert m["rate_hold"] == "window" and m["sink_tokens"] == 1 and m["skipped_kv"] == "keep"
+    init = json.loads((run / "init_model" / "config.json").read_text())["mod"]
+    assert m["layer_rates"] == init["layer_rates"] and len(m["layer_rates"]) == 4
+    assert abs(sum(m["layer_rates"].values()) / 4 - 0.7308) < 0.05
     assert (run / "eval" / "rate_per_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "eval" / "adaptivity_in_domain.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "rate_schedule.png").read_bytes()[:4] == b"\x89PNG" and "](rate_schedule.png)" in text
