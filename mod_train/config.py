@@ -321,6 +321,10 @@ class TrainConfig:
     """Run name for wandb and the log; defaults to the output directory's name."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    elastic: bool = False
+    """Resume a checkpoint written at another world size (or global-batch split): model and optimizer state through
+    DeepSpeed's universal checkpoint, the data re-sharded by document, grad_accum recomputed to keep the global
+    batch; refused in one line where that cannot be done (docs/training.md)."""
     exit_after_steps: int = 0
     """Testing aid: stop (without saving) after this many steps of this process (0: off)."""
 

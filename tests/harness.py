@@ -129,17 +129,28 @@ TINY_MOD = dict(router_init="zero", threshold=0.5, alpha=0.05, layers="odd")
 
 
 def train_worker(model, out, ds, train=None, mod=None, dense=False, recipe="synthetic", trace_routing=False,
-                 init_routers=None):
+                 init_routers=None, record_docs=False):
     """Runs mod_train.train.trainer.train in a harness rank; returns the result (+ routing trace).
-    init_routers='random': token-dependent random routers (mod_train.random_routers) before the engine."""
+    init_routers='random': token-dependent random routers (mod_train.random_routers) before the engine.
+    record_docs: also return `seen`, {step: [(source, epoch, position) of every document segment in this
+    rank's rows]} (steps counted from 1)."""
     from mod_train import MoDConfig
     from mod_train.config import TrainConfig
     from mod_train.train.trainer import RunSpec, train as run
     tc = TrainConfig(**{**TINY_TRAIN, **(train or {})})
     mc = MoDConfig(**{**TINY_MOD, **(mod or {})})
-    trace = []
+    trace, seen = [], {}
 
     def probe(trainer):
+        if record_docs:
+            fill = trainer.stream.fill
+
+            def recording(n):
+                ok = fill(n)
+                if ok:
+                    seen[trainer.step + 1] = [tuple(d[:3]) for row in trainer.stream.buffer for d in row["docs"]]
+                return ok
+            trainer.stream.fill = recording
         if not trace_routing:
             return
         for n, m in trainer.model.named_modules():
@@ -160,6 +171,8 @@ def train_worker(model, out, ds, train=None, mod=None, dense=False, recipe="synt
     res = t.run()
     if trace_routing:
         res["trace"] = trace
+    if record_docs:
+        res["seen"] = seen
     return res
 
 

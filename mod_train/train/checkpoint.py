@@ -9,6 +9,8 @@ Layout under `<out>/checkpoints/`:
                             checksum and the rank that wrote (and hashed) it
     latest                  name of the newest complete checkpoint; replaced with os.replace only
                             after MANIFEST.json exists, so a crash mid-save never moves it
+    step_000040_universal/  only after an elastic resume onto another world size: DeepSpeed's universal
+                            checkpoint of step_000040 (train/elastic.py); removed with its checkpoint
 
 A checkpoint is "good" if MANIFEST.json exists and every listed file has the listed size and
 checksum. Resume takes `latest` if good, else falls back (loudly) to the newest good older one; each
@@ -33,6 +35,7 @@ from mod_train.config import UserError
 
 log = logging.getLogger("mod_train.checkpoint")
 TAG_RE = re.compile(r"^step_(\d{6,})$")
+UNIVERSAL_SUFFIX = "_universal"  # <tag>_universal: the universal checkpoint of <tag> (elastic resume)
 
 
 class IncompatibleCheckpoint(UserError, RuntimeError):
@@ -177,6 +180,7 @@ def prune(root: Path, keep_last: int) -> None:
     tags = [t for t in list_tags(root) if check_complete(root / t, hashes=None) is None]
     for t in tags[:-keep_last]:
         shutil.rmtree(root / t, ignore_errors=True)
+        shutil.rmtree(root / (t + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
 # -- fingerprint -----------------------------------------------------------------------------------
@@ -186,7 +190,8 @@ def prune(root: Path, keep_last: int) -> None:
 MAY_CHANGE = ("lr", "router_lr", "min_lr_ratio", "warmup_steps", "max_steps", "save_every", "keep_last",
               "log_every", "grad_clip", "grad_checkpointing", "micro_batch_size", "grad_accum", "exit_after_steps",
               "per_source_loss", "wandb", "wandb_project", "run_name", "progress", "objective", "lm_weight",
-              "kd_weight", "kd_temperature", "kd_hidden_weight", "kd_hidden_layers", "rate_control", "rate_warmup_steps", "rate_start")
+              "kd_weight", "kd_temperature", "kd_hidden_weight", "kd_hidden_layers", "rate_control", "rate_warmup_steps", "rate_start",
+              "elastic")
 # TrainConfig fields the optimizer state or the data order has baked in: part of the fingerprint
 # (together with precision, trainable/train_modules and seq_len, recorded under their own keys).
 TRAIN_FIXED = ("seed", "weight_decay", "betas", "eps")
@@ -278,6 +283,7 @@ def save(engine, root: Path, step: int, *, rank: int, trainer_state: dict, meta:
         root.mkdir(parents=True, exist_ok=True)
         if ckpt.exists():  # a partial save of the same step from an earlier, killed attempt
             shutil.rmtree(ckpt)
+        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)  # converted from an older save of it
     dist.barrier()
     error, described = None, {}
     try:

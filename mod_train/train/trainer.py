@@ -24,6 +24,7 @@ from mod_train.data import StepRows, build_stream
 from mod_train.parallel import dist as pdist
 from mod_train.parallel import dsconfig
 from mod_train.train import checkpoint as ckpt
+from mod_train.train import elastic
 from mod_train.train.engine import build_engine, build_teacher
 from mod_train.train.lock import RunLock, RunLocked
 from mod_train.train.logger import MetricsLogger
@@ -87,6 +88,8 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.rank, self.world, self.local_rank = pdist.init()
         self.stop = StopFlag()
+        self.elastic = None  # train.elastic: the plan of this resume (set in setup)
+        self._resume_tag = None
 
     # ---- setup ----
     def setup(self):
@@ -96,7 +99,11 @@ class Trainer:
         self._seed(tc.seed)
         hf_cfg = self.plan.hf_config
         self.hf_cfg = hf_cfg
-        ds = dsconfig.fill(dsconfig.load(self.spec.ds), tc, self.world, hidden_size=hf_cfg.hidden_size)
+        raw_ds = dsconfig.load(self.spec.ds)
+        self.elastic = self._elastic_plan(raw_ds)  # may recompute tc.grad_accum: before the batch sizes are filled
+        ds = dsconfig.fill(raw_ds, tc, self.world, hidden_size=hf_cfg.hidden_size)
+        if self.elastic is not None and self.elastic.universal:
+            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
         self.ds = ds
         self.tp, self.pp = dsconfig.tp_size(ds), dsconfig.pp_stages(ds)
         self.dp = self.world // (self.tp * self.pp)
@@ -225,24 +232,54 @@ class Trainer:
         dist.all_gather_object(reasons, why)
         return next((r for r in reasons if r is not None), None)
 
+    def _elastic_plan(self, raw_ds):
+        """train.elastic: the plan for the checkpoint this run resumes (elastic.plan), made before the engine
+        exists, announced in one line, its universal checkpoint converted once; None without the flag or when the
+        checkpoint resumes as saved."""
+        if not self.tc.elastic:
+            return None
+        self._resume_tag = ckpt.find_resume(self.ckpt_root, check=self._check_checkpoint)
+        if self._resume_tag is None:
+            return None
+        d = self.ckpt_root / self._resume_tag
+        p = elastic.plan(d, ckpt.load_meta(d), self.tc, world=self.world, tp=dsconfig.tp_size(raw_ds),
+                         pp=dsconfig.pp_stages(raw_ds))
+        if p is None:
+            return None
+        self._say(p.line())
+        self.tc.grad_accum = p.grad_accum
+        if p.universal:
+            elastic.convert(self.ckpt_root, p.tag, self.rank)
+        return p
+
     def maybe_resume(self):
-        tag = ckpt.find_resume(self.ckpt_root, check=self._check_checkpoint)
+        tag = self._resume_tag if self.tc.elastic else ckpt.find_resume(self.ckpt_root, check=self._check_checkpoint)
         if tag is None:
             return None
         d = self.ckpt_root / tag
         meta = ckpt.load_meta(d)
         diffs = ckpt.compare_fingerprints(*self._comparable_fingerprints(meta["fingerprint"]))
         if diffs:
+            diffs = [x + " (--train.elastic true resumes on another world size)" if x.startswith("world_size:") else x
+                     for x in diffs]
             raise ckpt.IncompatibleCheckpoint(
                 f"refusing to resume from {d}: it was written by an incompatible configuration:\n  - "
                 + "\n  - ".join(diffs) + "\nUse a new --out directory, or restore the settings above.")
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {d}")
-        st = torch.load(d / f"trainer_rank{self.rank}.pt", weights_only=False)
+        p = self.elastic
+        if p is not None and p.universal:
+            elastic.load_universal(self.engine, self.ckpt_root, tag)
+        else:
+            load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {d}")
+        if p is not None and p.reshard:
+            st, data = elastic.trainer_states(d, p, self.rank, self.tp)
+            self.stream.load_resharded(data)
+        else:
+            st = torch.load(d / f"trainer_rank{self.rank}.pt", weights_only=False)
+            self.stream.load_state_dict(st["data"])
         self.step, self.tokens = st["step"], st["tokens"]
-        self.stream.load_state_dict(st["data"])
         ckpt.set_rng_state(st["rng"])
         if st.get("mod") and hasattr(self.model, "set_mod_config"):  # thresholds moved by the rate controller
             from mod_train.config import MoDConfig
@@ -263,6 +300,8 @@ class Trainer:
         if unrecorded:
             self._say(f"the checkpoint predates the {', '.join(unrecorded)} check(s): not verified on this resume")
         saved = dict(saved)
+        if self.elastic is not None:  # the plan checked the layout and kept the global batch
+            saved.pop("world_size")
         rec = saved.get("recipe")
         if isinstance(rec, str) and not rec.startswith("synthetic") and not os.path.isabs(rec):
             saved["recipe"] = str(Path(rec).resolve())
