@@ -321,6 +321,26 @@ def test_resharded_streams_train_every_token_once(tmp_path, tok, layouts):
     assert {e for (_n, e, _p) in reference} == {0, 1}
 
 
+def test_synthetic_rows_reshard_to_the_next_global_rows():
+    """Synthetic rows are global rows i % world == rank: after k rows per rank on 2 ranks, 3 ranks continue with
+    rows 2k, 2k+1, ... (none twice, none skipped)."""
+    from mod_train.data import SyntheticStream
+
+    def ids(s, n):  # the global index of each row taken
+        out = []
+        for _ in range(n):
+            out.append(s.index)
+            next(s)
+        return out
+    old = [SyntheticStream(8, 50, dp_rank=r, dp_world_size=2) for r in range(2)]
+    seen = [i for s in old for i in ids(s, 3)]
+    new = [SyntheticStream(8, 50, dp_rank=r, dp_world_size=3) for r in range(3)]
+    for s in new:
+        s.load_resharded([o.state_dict() for o in old])
+    seen += [i for s in new for i in ids(s, 2)]
+    assert sorted(seen) == list(range(12))
+
+
 def test_resharding_needs_every_old_rank_of_one_layout(tmp_path, tok):
     r = recipe(tmp_path)
     old = [PackedStream(r, tok, dp_rank=i, dp_world_size=2) for i in range(2)]

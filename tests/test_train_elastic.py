@@ -57,10 +57,10 @@ def assert_continues(ref, got, rtol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2-1", "1-2"])
 def test_elastic_resume_keeps_documents_and_the_loss_curve(setup, tmp_path, stage, before, after, capfd):
-    """2 -> 1 and 1 -> 2 ranks under ZeRO-1 and ZeRO-3, saved after step 3 of 6.
+    """2 -> 1 and 1 -> 2 ranks under ZeRO-1, 2 and 3, saved after step 3 of 6.
 
     Documents: every step's global batch holds the same documents as the uninterrupted run's (so the run as a
     whole sees the same set, none twice, none skipped).
@@ -68,7 +68,7 @@ def test_elastic_resume_keeps_documents_and_the_loss_curve(setup, tmp_path, stag
     the uninterrupted run; only the order of floating-point sums differs (the gradient all-reduce over another
     number of ranks, accumulation over 2 micro-batches instead of 1, ZeRO partitions of another size, the fp32
     states gathered and re-split by the universal checkpoint). Measured: at most 4.4e-8 relative over steps 4-6
-    in all four cases, under one fp32 ulp of a loss near 5.5 (8.7e-8). rtol 1e-6 leaves room for ~10 ulps of
+    in all six cases (and in bf16), under one fp32 ulp of a loss near 5.5 (8.7e-8). rtol 1e-6 leaves room for ~10 ulps of
     drift, and is ~800x below what a wrong optimizer state does: DeepSpeed's ZeRO-3 universal load shares one
     Adam step counter between the param groups (elastic.load_universal undoes it), which moved step 6's loss by
     8e-4; a wrong learning-rate position or a repeated batch moves it by more.
@@ -95,6 +95,19 @@ def test_elastic_resume_keeps_documents_and_the_loss_curve(setup, tmp_path, stag
     assert (out / "checkpoints" / "step_000003_universal" / "SOURCE.json").is_file()
     meta = ckpt.load_meta(out / "checkpoints" / "step_000006")
     assert meta["fingerprint"]["world_size"] == after and meta["train"]["grad_accum"] == 2 // after
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_elastic_resume_in_bf16(setup, tmp_path, stage):
+    """bf16 (what a GPU run uses), 2 -> 1 ranks: the fp32 master weights and Adam states travel through the universal
+    checkpoint and the bf16 weights are derived from them, so the curve continues as in fp32 (measured 4.3e-8)."""
+    ds, bf16 = f"ds_configs/zero{stage}.json", {"precision": "bf16"}
+    run(2, setup, tmp_path / "ref", ds, {**RUN, **bf16})
+    out = tmp_path / "run"
+    run(2, setup, out, ds, {**FIRST, **bf16})
+    run(1, setup, out, ds, {**ELASTIC, **bf16})
+    assert_continues(losses(tmp_path / "ref"), losses(out), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -129,3 +142,45 @@ def test_elastic_refusals_are_one_line(setup, tmp_path):
                          "data-parallel ranks) cannot be kept on 3 data-parallel ranks at micro_batch_size 1 (4 is "
                          "not a multiple of 3); resume on 1, 2, 4 data-parallel rank(s)"), line
     assert not list((out / "checkpoints").glob("*_universal*"))
+
+
+def _meta(world=2, tp=1, pp=1, zero=1, mb=1, ga=2):
+    return {"fingerprint": {"world_size": world, "tensor_parallel": tp, "pipeline_stages": pp, "zero_stage": zero,
+                            "global_batch": mb * ga * world // (tp * pp)},
+            "train": {"micro_batch_size": mb, "grad_accum": ga}}
+
+
+def test_elastic_plan_keeps_the_global_batch_or_refuses_in_one_line():
+    """The plan alone (no engine): what is kept, what is refused, each refusal one line naming what would work."""
+    from pathlib import Path
+    from mod_train.config import TrainConfig
+    from mod_train.train import elastic
+    d = Path("ck/step_000010")
+    tc = TrainConfig(micro_batch_size=1, grad_accum=2)
+    assert elastic.plan(d, _meta(), tc, world=2, tp=1, pp=1) is None  # resumes as saved
+    p = elastic.plan(d, _meta(), tc, world=4, tp=1, pp=1)
+    assert (p.grad_accum, p.universal, p.reshard) == (1, True, True)
+    assert p.line() == ("elastic resume from step_000010: 2 -> 4 ranks (2 -> 4 data-parallel); grad_accum 2 -> 1 "
+                        "keeps the global batch of 4 rows; model and optimizer state from the universal checkpoint "
+                        "step_000010_universal; data re-sharded by document")
+    assert not elastic.plan(d, _meta(zero=0), tc, world=1, tp=1, pp=1).universal  # ZeRO-0: states replicated
+    same = elastic.plan(d, _meta(), TrainConfig(micro_batch_size=1, grad_accum=1), world=2, tp=1, pp=1)
+    assert (same.grad_accum, same.universal, same.reshard) == (2, False, False)  # a later restart of the same size
+    refusals = {
+        "pipeline": (_meta(world=4, pp=2), dict(world=2, tp=1, pp=1),
+                     "has 2 pipeline stage(s), this run 1: DeepSpeed's universal checkpoint cannot re-shard pipeline "
+                     "stages; resume on 4 ranks with 2 stage(s)"),
+        "tp": (_meta(world=4, tp=2), dict(world=4, tp=1, pp=1),
+               "has tensor_parallel 2, this run 1: the universal checkpoint cannot change the tensor-parallel size; "
+               "keep autotp_size 2 and use a world size that is a multiple of 2"),
+        "batch": (_meta(), dict(world=3, tp=1, pp=1),
+                  "the global batch of 4 rows (micro_batch_size 1 x grad_accum 2 x 2 data-parallel ranks) cannot be "
+                  "kept on 3 data-parallel ranks at micro_batch_size 1 (4 is not a multiple of 3); resume on 1, 2, 4 "
+                  "data-parallel rank(s)"),
+    }
+    for what, (meta, layout, msg) in refusals.items():
+        with pytest.raises(ckpt.IncompatibleCheckpoint) as e:
+            elastic.plan(d, meta, tc, **layout)
+        assert str(e.value).startswith("train.elastic: ") and msg in str(e.value) and "\n" not in str(e.value), what
+    with pytest.raises(ckpt.IncompatibleCheckpoint, match=r"or a --train.micro_batch_size that divides 3\)?"):
+        elastic.plan(d, _meta(mb=2, ga=3), TrainConfig(micro_batch_size=2), world=4, tp=1, pp=1)
