@@ -168,11 +168,15 @@ def test_elastic_plan_keeps_the_global_batch_or_refuses_in_one_line():
     assert (same.grad_accum, same.universal, same.reshard) == (2, False, False)  # a later restart of the same size
     refusals = {
         "pipeline": (_meta(world=4, pp=2), dict(world=2, tp=1, pp=1),
-                     "has 2 pipeline stage(s), this run 1: DeepSpeed's universal checkpoint cannot re-shard pipeline "
-                     "stages; resume on 4 ranks with 2 stage(s)"),
-        "tp": (_meta(world=4, tp=2), dict(world=4, tp=1, pp=1),
-               "has tensor_parallel 2, this run 1: the universal checkpoint cannot change the tensor-parallel size; "
-               "keep autotp_size 2 and use a world size that is a multiple of 2"),
+                     "has 1 tensor-parallel x 2 pipeline x 2 data-parallel ranks, this run 1 x 1 x 2: DeepSpeed "
+                     "0.19.8's universal checkpoint cannot re-shard pipeline stages; resume on 4 ranks with the same "
+                     "layout, or train with autotp_size 1 and no pipeline stages to resume elastically"),
+        "tp": (_meta(world=4, tp=2), dict(world=2, tp=2, pp=1),
+               "has 2 tensor-parallel x 1 pipeline x 2 data-parallel ranks, this run 2 x 1 x 1: DeepSpeed 0.19.8's "
+               "universal checkpoint cannot re-shard tensor-parallel states (measured: its converter mis-sizes the "
+               "AutoTP-sharded embedding of a ZeRO-3 checkpoint; TP with ZeRO-1/2 is untested and refused too); "
+               "resume on 4 ranks with the same layout"),
+        "tp size": (_meta(world=4, tp=2), dict(world=4, tp=1, pp=1), "this run 1 x 1 x 4"),
         "batch": (_meta(), dict(world=3, tp=1, pp=1),
                   "the global batch of 4 rows (micro_batch_size 1 x grad_accum 2 x 2 data-parallel ranks) cannot be "
                   "kept on 3 data-parallel ranks at micro_batch_size 1 (4 is not a multiple of 3); resume on 1, 2, 4 "

@@ -19,8 +19,10 @@ What moves, and how:
   from it, and the same rule applies at the same world size (a later plain restart after an elastic resume).
 - RNG states: new rank r takes old rank r mod N's (every rank seeds alike; dropout streams differ anyway).
 
-Refused, in one line that says what would work: pipeline stages (DeepSpeed's universal checkpoint cannot
-re-shard the stage wrappers), another tensor-parallel size, a global batch the new size cannot keep.
+Refused, in one line that says what would work: any layout change with pipeline stages or tensor parallelism
+(DeepSpeed 0.19.8's universal checkpoint cannot re-shard our pipeline stages, and its converter fails on an
+AutoTP x ZeRO-3 checkpoint: the embedding's recorded shape is the full one, its saved partitions are TP shards),
+and a global batch the new size cannot keep.
 """
 from __future__ import annotations
 
@@ -81,14 +83,14 @@ def plan(d: Path, meta: dict, tc: TrainConfig, *, world: int, tp: int, pp: int) 
     if saved_world == world and g == mb * tc.grad_accum * dp:
         return None
     refuse = ckpt.IncompatibleCheckpoint
-    if saved_world != world and (saved_pp > 1 or pp > 1):
-        raise refuse(f"train.elastic: checkpoint {d} has {saved_pp} pipeline stage(s), this run {pp}: DeepSpeed's "
-                     f"universal checkpoint cannot re-shard pipeline stages; resume on {saved_world} ranks with "
-                     f"{saved_pp} stage(s)")
-    if saved_tp != tp:
-        raise refuse(f"train.elastic: checkpoint {d} has tensor_parallel {saved_tp}, this run {tp}: the universal "
-                     f"checkpoint cannot change the tensor-parallel size; keep autotp_size {saved_tp} and use a world "
-                     f"size that is a multiple of {saved_tp}")
+    if (saved_tp, saved_pp, saved_dp) != (tp, pp, dp) and max(saved_tp, tp, saved_pp, pp) > 1:
+        what = ("pipeline stages" if max(saved_pp, pp) > 1 else
+                "tensor-parallel states (measured: its converter mis-sizes the AutoTP-sharded embedding of a ZeRO-3 "
+                "checkpoint; TP with ZeRO-1/2 is untested and refused too)")
+        raise refuse(f"train.elastic: checkpoint {d} has {saved_tp} tensor-parallel x {saved_pp} pipeline x {saved_dp} "
+                     f"data-parallel ranks, this run {tp} x {pp} x {dp}: DeepSpeed 0.19.8's universal checkpoint cannot "
+                     f"re-shard {what}; resume on {saved_world} ranks with the same layout, or train with autotp_size 1 "
+                     "and no pipeline stages to resume elastically")
     if g % (mb * dp):
         sizes = ", ".join(map(str, _divisors(g // mb))) if g % mb == 0 else "none at this micro_batch_size"
         alt = f", or a --train.micro_batch_size that divides {g // dp}" if g % dp == 0 else ""
