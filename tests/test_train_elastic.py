@@ -144,6 +144,28 @@ def test_elastic_refusals_are_one_line(setup, tmp_path):
     assert not list((out / "checkpoints").glob("*_universal*"))
 
 
+@pytest.mark.slow
+def test_failed_conversion_is_one_line_on_every_rank_then_retried(setup, tmp_path, monkeypatch):
+    """ds_to_universal failing on rank 0 (the other rank waiting on the folder) stops both ranks with rank 0's
+    line; the next attempt converts afresh and trains."""
+    from deepspeed.checkpoint import ds_to_universal
+    ds, out = "ds_configs/zero1.json", tmp_path / "run"
+    run(1, setup, out, ds, {**FIRST, "grad_accum": 2})
+
+    def boom(args):
+        raise AssertionError("a converter defect\nsecond line")
+    with monkeypatch.context() as m:
+        m.setattr(ds_to_universal, "main", boom)  # the forked ranks inherit it
+        with pytest.raises(RuntimeError) as e:
+            run(2, setup, out, ds, ELASTIC)
+    lines = [x for x in str(e.value).splitlines() if x.startswith("mod_train.train.checkpoint.IncompatibleCheckpoint")]
+    assert len(lines) == 2 and lines[0] == lines[1], lines  # the same line on both ranks
+    assert "could not convert" in lines[0] and "(AssertionError: a converter defect; log: " in lines[0]
+    assert (out / "checkpoints" / "step_000003_universal.failed").is_file()
+    assert sorted(run(2, setup, out, ds, ELASTIC)) == [4, 5, 6]
+    assert not (out / "checkpoints" / "step_000003_universal.failed").exists()
+
+
 def _meta(world=2, tp=1, pp=1, zero=1, mb=1, ga=2):
     return {"fingerprint": {"world_size": world, "tensor_parallel": tp, "pipeline_stages": pp, "zero_stage": zero,
                             "global_batch": mb * ga * world // (tp * pp)},

@@ -176,11 +176,20 @@ def find_resume(root: Path, check=check_complete) -> str | None:
     raise RuntimeError(f"no usable checkpoint under {root} (latest={wanted!r}); delete the directory to start over")
 
 
+def remove_universal(root: Path, tag: str) -> None:
+    """The universal checkpoint of `tag` (elastic resume) and the traces of a partial or failed conversion."""
+    for p in Path(root).glob(tag + UNIVERSAL_SUFFIX + "*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def prune(root: Path, keep_last: int) -> None:
     tags = [t for t in list_tags(root) if check_complete(root / t, hashes=None) is None]
     for t in tags[:-keep_last]:
         shutil.rmtree(root / t, ignore_errors=True)
-        shutil.rmtree(root / (t + UNIVERSAL_SUFFIX), ignore_errors=True)
+        remove_universal(root, t)
 
 
 # -- fingerprint -----------------------------------------------------------------------------------
@@ -283,7 +292,7 @@ def save(engine, root: Path, step: int, *, rank: int, trainer_state: dict, meta:
         root.mkdir(parents=True, exist_ok=True)
         if ckpt.exists():  # a partial save of the same step from an earlier, killed attempt
             shutil.rmtree(ckpt)
-        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)  # converted from an older save of it
+        remove_universal(root, tag)  # converted from an older save of this step
     dist.barrier()
     error, described = None, {}
     try:

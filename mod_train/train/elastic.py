@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,28 +106,40 @@ def plan(d: Path, meta: dict, tc: TrainConfig, *, world: int, tp: int, pp: int) 
 
 # -- universal checkpoint --------------------------------------------------------------------------------
 
-def convert(root: Path, tag: str, rank: int) -> Path:
+def convert(root: Path, tag: str, rank: int, poll_s: float = 1.0) -> Path:
     """Collective: `<root>/<tag>_universal`, converted by rank 0 unless a conversion of this very checkpoint is
-    there; a failed conversion raises on every rank."""
-    out = Path(root) / (tag + ckpt.UNIVERSAL_SUFFIX)
+    there; a failed conversion raises on every rank. The other ranks wait by watching the folder, not in a
+    collective: a large model converts for longer than NCCL's default 10-minute timeout."""
+    src, out = Path(root) / tag, Path(root) / (tag + ckpt.UNIVERSAL_SUFFIX)
+    failed = out.with_name(out.name + ".failed")
+    source = {"checkpoint": tag, "manifest": ckpt.file_hash(src / "MANIFEST.json")}
+    if rank == 0:
+        failed.unlink(missing_ok=True)  # an earlier attempt's verdict
+    ckpt.agree_max(0)  # a barrier: nobody reads a verdict before the stale one is gone
     error = None
     if rank == 0:
         try:
-            _convert_once(Path(root) / tag, out)
+            _convert_once(src, out, source)
         except ckpt.IncompatibleCheckpoint as e:
             error = e
-    if ckpt.agree_max(error is not None):
-        raise error or ckpt.IncompatibleCheckpoint(f"converting {tag} to a universal checkpoint failed on rank 0 "
-                                                   "(see its message)")
+            failed.write_text(str(e))
+    else:
+        while not failed.is_file() and not _converted(out, source):
+            time.sleep(poll_s)
+    if ckpt.agree_max(error is not None or failed.is_file()):
+        raise error or ckpt.IncompatibleCheckpoint(failed.read_text())
     return out
 
 
-def _convert_once(src: Path, out: Path) -> None:
+def _converted(out: Path, source: dict) -> bool:
+    marker = out / "SOURCE.json"
+    return marker.is_file() and json.loads(marker.read_text()) == source
+
+
+def _convert_once(src: Path, out: Path, source: dict) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
-    source = {"checkpoint": src.name, "manifest": ckpt.file_hash(src / "MANIFEST.json")}
-    marker = out / "SOURCE.json"
-    if marker.is_file() and json.loads(marker.read_text()) == source:
+    if _converted(out, source):
         return
     tmp = out.with_name(out.name + ".tmp")
     for p in (tmp, out):
