@@ -116,28 +116,28 @@ def real_token_ids(tokenizer, n: int, skip: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _prefill_decode(model, ids, n_decode, device, is_mod):
-    from mod_train import MoDCache, kv_cache_bytes
+def _prefill(model, ids, device, is_mod):
+    """One timed prefill with a fresh cache: (output, seconds, peak memory growth)."""
+    from mod_train import MoDCache
     cache = MoDCache(model.config.num_hidden_layers) if is_mod else None
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         _sync(device)
-        prefill = time.perf_counter() - t0
-    cache = out.cache
-    kv = kv_cache_bytes(cache)["total"]
+    return out, time.perf_counter() - t0, mem.peak
+
+
+@torch.no_grad()
+def _prefill_decode(model, ids, n_decode, device, is_mod):
+    from mod_train import kv_cache_bytes
+    out, prefill, peak = _prefill(model, ids, device, is_mod)
+    kv = kv_cache_bytes(out.cache)["total"]
     rates = {i: v["rate"].item() for i, v in out.routing.items()} if is_mod else {}
-    tok = out.logits[:, -1:].argmax(-1)
     decode = None
     if n_decode:
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
-            tok = out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        decode = (time.perf_counter() - t0) / n_decode
-    return dict(prefill_s=prefill, decode_s=decode, kv_bytes=kv, peak_bytes=mem.peak, rates=rates)
+        decode = _decode_loop(model, out.logits[:, -1:].argmax(-1), out.cache, n_decode, device)[0] / n_decode
+    return dict(prefill_s=prefill, decode_s=decode, kv_bytes=kv, peak_bytes=peak, rates=rates)
 
 
 def _memory_child(dense_path, mod_path, dtype, mod_state, ids, n_decode, queue):
@@ -291,17 +291,11 @@ def serve_one(model, ids, n_decode: int, budget: int, max_batch: int, device, is
     batch 1, then at the largest batch whose KV caches fit `budget` bytes beside one prefill's working set (up to
     `max_batch`). The batch shares the prefilled context (the cache repeated per row) and starts from each row's own
     next token (the prefill's top-B candidates), so the routed layers' decisions differ between rows as in serving."""
-    from mod_train import MoDCache, kv_cache_bytes
-    cache = MoDCache(model.config.num_hidden_layers) if is_mod else None
-    with PeakMemory(device) as mem, torch.no_grad():
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        prefill = time.perf_counter() - t0
+    from mod_train import kv_cache_bytes
+    out, prefill, peak = _prefill(model, ids, device, is_mod)
     cache = out.cache
     per_seq = kv_cache_bytes(cache)["total"] * (ids.shape[1] + n_decode) / ids.shape[1]
-    work = mem.peak - kv_cache_bytes(cache)["total"] if device.type == "cuda" else 0
+    work = peak - kv_cache_bytes(cache)["total"] if device.type == "cuda" else 0
     fit = int(max(budget - max(work, 0), 0) // max(per_seq, 1))
     rates = {i: v["rate"].item() for i, v in out.routing.items()} if is_mod else {}
     batch = max(1, min(fit, max_batch))
