@@ -75,7 +75,7 @@ class AblationConfig:
     """'full', 'routers', 'routers+modules' or 'lora' (TrainConfig.trainable; lora_* fields via train_overrides;
     a LoRA variant's adapters are merged before it is evaluated or saved)."""
     seed: int = 1234
-    """Seed of the data order and of every run."""
+    """Seed of every run (initialisation, synthetic data); a recipe's data order is the recipe's own `seed`."""
     target_rate: float = 0.5
     """Rate targeted by the rate-steering loss (threshold, threshold_block)."""
     target_weight: float = 1.0
