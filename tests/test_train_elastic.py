@@ -69,11 +69,11 @@ def test_elastic_resume_keeps_documents_and_the_loss_curve(setup, tmp_path, stag
     Loss: with the same documents in every step's global batch the resumed steps compute the same gradient as
     the uninterrupted run; only the order of floating-point sums differs (the gradient all-reduce over another
     number of ranks, accumulation over 2 micro-batches instead of 1, ZeRO partitions of another size, the fp32
-    states gathered and re-split by the universal checkpoint). Measured: at most 4.4e-8 relative over steps 4-6
-    in all eight cases (and in bf16), under one fp32 ulp of a loss near 5.5 (8.7e-8). rtol 1e-6 leaves room for ~10 ulps of
-    drift, and is ~800x below what a wrong optimizer state does: DeepSpeed's ZeRO-3 universal load shares one
-    Adam step counter between the param groups (elastic.load_universal undoes it), which moved step 6's loss by
-    8e-4; a wrong learning-rate position or a repeated batch moves it by more.
+    states gathered and re-split by the universal checkpoint). Measured: at most 4.4e-8 relative over steps
+    4-6 in all eight cases (and in bf16), under one fp32 ulp of a loss near 5.5 (8.7e-8). rtol 1e-6 leaves room
+    for ~10 ulps of drift, and is ~800x below what a wrong optimizer state does: DeepSpeed's ZeRO-3 universal
+    load shares one Adam step counter between the param groups (elastic.load_universal undoes it), which moved
+    step 6's loss by 8e-4; a wrong learning-rate position or a repeated batch moves it by more.
     """
     ds = f"ds_configs/zero{stage}.json" if stage else STAGE0
     batch = {"grad_accum": 2 // before}  # a global batch of 2 rows
@@ -137,6 +137,10 @@ def test_elastic_refusals_are_one_line(setup, tmp_path):
     with pytest.raises(RuntimeError) as e:
         run(1, setup, out, ds, {**RUN, "grad_accum": 4})
     assert "world_size: checkpoint has 2, this run has 1 (--train.elastic true resumes on another world size)" \
+        in str(e.value)
+    with pytest.raises(RuntimeError) as e:
+        run(2, setup, out, ds, {**RUN, "grad_accum": 1})
+    assert "global_batch: checkpoint has 4, this run has 2 (--train.elastic true recomputes grad_accum to keep it)" \
         in str(e.value)
     with pytest.raises(RuntimeError) as e:
         run(3, setup, out, ds, {**ELASTIC, "grad_accum": 2})

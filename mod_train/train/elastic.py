@@ -1,8 +1,9 @@
 """Elastic resume (`--train.elastic true`): a run saved at one world size continues at another.
 
-    plan = elastic.plan(ckpt_dir, meta, tc, world=4, tp=1, pp=1)  # None: resumes as saved; else the plan or a refusal
-    elastic.convert(root, tag, rank)        # collective: <tag>_universal beside the checkpoint, converted once
-    mine, data_states = elastic.trainer_states(ckpt_dir, plan, rank)
+    p = elastic.plan(ckpt_dir, meta, tc, world=4, tp=1, pp=1)  # None: resumes as saved; a refusal raises
+    elastic.convert(root, tag, rank)          # collective: <tag>_universal beside the checkpoint, converted once
+    elastic.load_universal(engine, root, tag)  # engine built with "checkpoint": {"load_universal": true}
+    mine, data_states = elastic.trainer_states(ckpt_dir, p, rank, tp)
 
 What moves, and how:
 - Model, optimizer and lr-scheduler state: DeepSpeed's universal checkpoint. Rank 0 runs
@@ -86,19 +87,20 @@ def plan(d: Path, meta: dict, tc: TrainConfig, *, world: int, tp: int, pp: int) 
     refuse = ckpt.IncompatibleCheckpoint
     if (saved_tp, saved_pp, saved_dp) != (tp, pp, dp) and max(saved_tp, tp, saved_pp, pp) > 1:
         what = ("pipeline stages" if max(saved_pp, pp) > 1 else
-                "tensor-parallel states (measured: its converter mis-sizes the AutoTP-sharded embedding of a ZeRO-3 "
-                "checkpoint; TP with ZeRO-1/2 is untested and refused too)")
-        raise refuse(f"train.elastic: checkpoint {d} has {saved_tp} tensor-parallel x {saved_pp} pipeline x {saved_dp} "
-                     f"data-parallel ranks, this run {tp} x {pp} x {dp}: DeepSpeed 0.19.8's universal checkpoint cannot "
-                     f"re-shard {what}; resume on {saved_world} ranks with the same layout, or train with autotp_size 1 "
-                     "and no pipeline stages to resume elastically")
+                "tensor-parallel states (measured: its converter mis-sizes the AutoTP-sharded embedding of a "
+                "ZeRO-3 checkpoint; TP with ZeRO-1/2 is untested and refused too)")
+        raise refuse(f"train.elastic: checkpoint {d} has {saved_tp} tensor-parallel x {saved_pp} pipeline x "
+                     f"{saved_dp} data-parallel ranks, this run {tp} x {pp} x {dp}: DeepSpeed 0.19.8's universal "
+                     f"checkpoint cannot re-shard {what}; resume on {saved_world} ranks with the same layout, or "
+                     "train with autotp_size 1 and no pipeline stages to resume elastically")
     if g % (mb * dp):
         sizes = ", ".join(map(str, _divisors(g // mb))) if g % mb == 0 else "none at this micro_batch_size"
         alt = f", or a --train.micro_batch_size that divides {g // dp}" if g % dp == 0 else ""
         was = meta.get("train", {})
-        raise refuse(f"train.elastic: the global batch of {g} rows (micro_batch_size {was.get('micro_batch_size')} x "
-                     f"grad_accum {was.get('grad_accum')} x {saved_dp} data-parallel ranks) cannot be kept on {dp} data-parallel ranks at micro_batch_size "
-                     f"{mb} ({g} is not a multiple of {mb * dp}); resume on {sizes} data-parallel rank(s){alt}")
+        raise refuse(f"train.elastic: the global batch of {g} rows (micro_batch_size {was.get('micro_batch_size')} "
+                     f"x grad_accum {was.get('grad_accum')} x {saved_dp} data-parallel ranks) cannot be kept on {dp} "
+                     f"data-parallel ranks at micro_batch_size {mb} ({g} is not a multiple of {mb * dp}); resume on "
+                     f"{sizes} data-parallel rank(s){alt}")
     return Plan(tag=d.name, saved_world=saved_world, world=world, saved_dp=saved_dp, dp=dp, global_batch=g,
                 grad_accum_before=tc.grad_accum, grad_accum=g // (mb * dp),
                 universal=saved_dp != dp and int(fp.get("zero_stage", 1)) > 0)
@@ -174,7 +176,8 @@ def load_universal(engine, root: Path, tag: str) -> None:
     load_path, _ = engine.load_checkpoint(str(root), tag=tag + ckpt.UNIVERSAL_SUFFIX, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {Path(root) / tag}{ckpt.UNIVERSAL_SUFFIX}")
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag}{ckpt.UNIVERSAL_SUFFIX} "
+                           f"under {root}")
     for st in opt.state.values():
         if torch.is_tensor(st.get("step")):
             st["step"] = st["step"].clone()

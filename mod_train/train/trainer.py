@@ -260,8 +260,9 @@ class Trainer:
         meta = ckpt.load_meta(d)
         diffs = ckpt.compare_fingerprints(*self._comparable_fingerprints(meta["fingerprint"]))
         if diffs:
-            diffs = [x + " (--train.elastic true resumes on another world size)" if x.startswith("world_size:") else x
-                     for x in diffs]
+            hints = {"world_size": "--train.elastic true resumes on another world size",
+                     "global_batch": "--train.elastic true recomputes grad_accum to keep it"}
+            diffs = [f"{x} ({hints[x.split(':')[0]]})" if x.split(":")[0] in hints else x for x in diffs]
             raise ckpt.IncompatibleCheckpoint(
                 f"refusing to resume from {d}: it was written by an incompatible configuration:\n  - "
                 + "\n  - ".join(diffs) + "\nUse a new --out directory, or restore the settings above.")
@@ -301,7 +302,7 @@ class Trainer:
             self._say(f"the checkpoint predates the {', '.join(unrecorded)} check(s): not verified on this resume")
         saved = dict(saved)
         if self.elastic is not None:  # the plan checked the layout and kept the global batch
-            saved.pop("world_size")
+            saved.pop("world_size", None)
         rec = saved.get("recipe")
         if isinstance(rec, str) and not rec.startswith("synthetic") and not os.path.isabs(rec):
             saved["recipe"] = str(Path(rec).resolve())
