@@ -44,6 +44,10 @@ def test_deepspeed_launcher_adapt_resume_export(tmp_path):
     # the same command as a plain process (world of one) refuses: the checkpoint was written by 2 ranks
     p = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode != 0 and "world_size: checkpoint has 2, this run has 1" in p.stderr
+    # ... unless told to resume elastically: converted, loaded, nothing left to train at max_steps 3 (no new save)
+    log = _run([sys.executable, *args, "--train.elastic", "true"])
+    assert "elastic resume from step_000003: 2 -> 1 ranks" in log and "completed at step 3" in log
+    assert (out / "checkpoints" / "step_000003_universal" / "SOURCE.json").is_file()
     # the same deepspeed command with more steps resumes at step 3
     args[args.index("--train.max_steps") + 1] = "4"
     log = _run([ds_bin, "--num_gpus", "2", "--master_port", str(free_port()), *args])
