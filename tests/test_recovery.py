@@ -113,3 +113,29 @@ def test_global_post_hoc_calibration_keeps_the_allocation():
         rates = [float(r["rate"]) for r in m(ids).routing.values()]
     assert sum(rates) / 4 == pytest.approx(0.5, abs=0.02)
     assert rates == sorted(rates) and rates[-1] - rates[0] > 0.3, rates  # each layer keeps its own share
+
+
+def test_controller_and_calibration_keep_off_layers_off(tiny, tmp_path):
+    """An off layer (p = 1, a deleted layer of the allocated start) stays off under the threshold controller and
+    post-hoc calibration, and counts as rate 0 in the global budget: the other layers make up the mean."""
+    train = {"max_steps": 4, "rate_control": "thresholds", "router_lr": 1e-9, "seq_len": 64}
+    mod = {"router_init": "zero", "target_rate": 0.4, "target_scope": "global", "layers": "all", "gate_form": "ste",
+           "layer_thresholds": {1: 1.0}}
+    run_ranks(train_worker, 1, tiny, tmp_path, "ds_configs/zero1.json", train, mod, init_routers="random")
+    m = losses(tmp_path)
+    for s in range(2, 5):
+        assert m[s]["routing/rate_l1"] == 0.0
+        assert m[s]["routing/rate_mean"] == pytest.approx(0.4, abs=0.08), (s, m[s]["routing/rate_mean"])
+    from mod_train import calibrate_thresholds
+    model = modify(tiny_model("llama", layers=4), MoDConfig(layers="all", router_init="zero",
+                                                            layer_thresholds={2: 1.0})).eval()
+    randomize_routers(model, std=2.0)
+    ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(3))
+    for scope in ("layer", "global"):
+        calibrate_thresholds(model, [{"input_ids": ids}], 0.5, scope=scope)
+        assert model.mod_config.is_off(2), scope
+        with torch.no_grad():
+            rates = {j: float(r["rate"]) for j, r in model(ids).routing.items()}
+        assert rates[2] == 0.0
+        want = 0.5 if scope == "layer" else 0.5 * 4 / 3  # global: the three others carry the budget
+        assert sum(v for j, v in rates.items() if j != 2) / 3 == pytest.approx(want, abs=0.03), (scope, rates)

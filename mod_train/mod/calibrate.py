@@ -98,7 +98,8 @@ def _calibrate_global(model, batches, target_rate: float, iters: int = 12) -> di
     theta = {j: logit(base.threshold_for(j)) for j in model.routed_layers if not base.is_off(j)}
 
     def mean_rate(shift: float) -> float:
-        model.set_mod_config(dataclasses.replace(base, layer_thresholds={j: threshold_p(t + shift) for j, t in theta.items()}))
+        model.set_mod_config(dataclasses.replace(base, layer_thresholds={
+            **base.layer_thresholds, **{j: threshold_p(t + shift) for j, t in theta.items()}}))
         rates = []
         with torch.no_grad():
             for b in batches:
