@@ -101,6 +101,20 @@ def test_elastic_resume_keeps_documents_and_the_loss_curve(setup, tmp_path, stag
 
 
 @pytest.mark.slow
+def test_elastic_resume_twice(setup, tmp_path):
+    """2 -> 1 -> 2 ranks (ZeRO-1), saved after steps 3 and 6 of 9: the second resume re-shards a data state that an
+    elastic resume wrote (its skip layers), and the run still matches the uninterrupted one step by step."""
+    ds, long = "ds_configs/zero1.json", {"max_steps": 9, "seq_len": SEQ}
+    ref = run(2, setup, tmp_path / "ref", ds, long)
+    out = tmp_path / "run"
+    seen = run(2, setup, out, ds, {**long, "save_every": 3, "exit_after_steps": 3})
+    seen.update(run(1, setup, out, ds, {**long, "save_every": 3, "exit_after_steps": 3, "elastic": True}))
+    seen.update(run(2, setup, out, ds, {**long, "elastic": True}))
+    assert seen == ref and sorted(seen) == list(range(1, 10))
+    assert_continues(losses(tmp_path / "ref"), losses(out), rtol=1e-6)  # as in the test above
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_elastic_resume_in_bf16(setup, tmp_path, stage):
     """bf16 (what a GPU run uses), 2 -> 1 ranks: the fp32 master weights and Adam states travel through the universal
