@@ -354,3 +354,17 @@ def test_flops_and_kv_count_kept_kv():
     m = modify(tiny_model(layers=4), MoDConfig(layers="odd", skipped_kv="keep", layer_thresholds={3: 1.0}))
     assert ideal_kv_fraction(m, 0.3) == pytest.approx(0.75)  # layer 3 is off, layer 1 keeps every token
     assert F.keep_layers(m) == frozenset({1})
+
+
+def test_distributed_dummy_slot_changes_nothing_at_batch_one():
+    """always_compute (every rank calls every sub-module under ZeRO-3/TP): with no token selected in a row of one,
+    the one computed slot is a masked dummy and the layer's output is its input (a batch of one is not 'full')."""
+    from mod_train.mod.layer import routed_layer_fast
+    m = _model(layers=[1])
+    ids, _ = _padded(B=1, S=10)
+    with torch.no_grad():
+        h, meta = m.mod_embed(ids)
+        sel = torch.zeros(1, 10, dtype=torch.bool)
+        out = routed_layer_fast(m.model.layers[1], 1, h, meta, sel, torch.ones(1, 10), "submodule", m.config,
+                                always_compute=True)
+    assert torch.equal(out, h)

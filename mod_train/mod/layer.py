@@ -134,13 +134,13 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
             k, v = _kv(layer.self_attn, layer.input_layernorm(h), meta.cos, meta.sin)
             meta.cache.update(idx, k, v, meta.slots, None)
         return h
+    # every row fills its n slots: known at batch 1 unless no token runs (always_compute's one masked slot); with
+    # a cache (decoding) the masked form is taken rather than a second host sync
+    full = n > 0 and (B == 1 or (meta.cache is None and bool((counts == n).all())))
     n = max(n, 1)
     # stable sort puts each row's selected tokens first, in their original order
     idx_sel = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :n]
     slot_ok = torch.arange(n, device=h.device)[None, :] < counts[:, None]
-    # every row fills its n slots: known at batch 1; with a cache (decoding) the masked form is taken rather
-    # than a second host sync
-    full = B == 1 or (meta.cache is None and bool(slot_ok.all()))
     slots = meta.slots.gather(idx_sel, None if full else slot_ok)
     hs = h.gather(1, idx_sel[..., None].expand(B, n, d))
     ws = w.gather(1, idx_sel)[..., None].to(h.dtype)

@@ -200,7 +200,7 @@ MAY_CHANGE = ("lr", "router_lr", "min_lr_ratio", "warmup_steps", "max_steps", "s
               "log_every", "grad_clip", "grad_checkpointing", "micro_batch_size", "grad_accum", "exit_after_steps",
               "per_source_loss", "wandb", "wandb_project", "run_name", "progress", "objective", "lm_weight",
               "kd_weight", "kd_temperature", "kd_hidden_weight", "kd_hidden_layers", "rate_control", "rate_warmup_steps", "rate_start",
-              "elastic")
+              "elastic", "router_stage_steps")
 # TrainConfig fields the optimizer state or the data order has baked in: part of the fingerprint
 # (together with precision, trainable/train_modules and seq_len, recorded under their own keys).
 TRAIN_FIXED = ("seed", "weight_decay", "betas", "eps")
