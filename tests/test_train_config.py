@@ -51,7 +51,7 @@ def test_yaml_is_typed_by_the_dataclasses(tmp_path):
         cli.parse(RunConfig, ["--config", str(bad)])
     main = cli.parse(RunConfig, ["--config", "launch/main_cpu.yaml"])
     assert main.train.lr == 1e-3 and main.train.trainable == "lora" and main.mod.target_rate == 0.7308
-    assert main.init == "allocated" and main.eval.lengths
+    assert main.init == "routed" and main.mod.rate_hold == "window" and main.eval.lengths
 
 
 @pytest.mark.parametrize("launcher", ["adapt.py", "main.py", "eval.py", "bench.py", "ablate.py", "export.py",
