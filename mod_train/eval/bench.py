@@ -294,8 +294,9 @@ def serve_one(model, ids, n_decode: int, budget: int, max_batch: int, device, is
     from mod_train import kv_cache_bytes
     out, prefill, peak = _prefill(model, ids, device, is_mod)
     cache = out.cache
-    per_seq = kv_cache_bytes(cache)["total"] * (ids.shape[1] + n_decode) / ids.shape[1]
-    work = peak - kv_cache_bytes(cache)["total"] if device.type == "cuda" else 0
+    kv = kv_cache_bytes(cache)["total"]
+    per_seq = kv * (ids.shape[1] + n_decode) / ids.shape[1]
+    work = peak - kv if device.type == "cuda" else 0
     fit = int(max(budget - max(work, 0), 0) // max(per_seq, 1))
     rates = {i: v["rate"].item() for i, v in out.routing.items()} if is_mod else {}
     batch = max(1, min(fit, max_batch))

@@ -112,12 +112,12 @@ class MoDCache:
     def push_route_history(self, layer: int, z: torch.Tensor, valid: torch.Tensor | None, window: int) -> None:
         """Keep the last window - 1 logits of `layer` per row (with their validity): the start of the next
         tokens' windows."""
-        v = torch.ones_like(z, dtype=torch.bool) if valid is None else valid
+        z, v = z.detach(), torch.ones_like(z, dtype=torch.bool) if valid is None else valid
         old = self.routes.get(layer)
         if old is not None:
-            z, v = torch.cat([old.z, z.detach()], 1), torch.cat([old.valid, v], 1)
-        self.routes[layer] = History(z.detach()[:, -(window - 1):] if window > 1 else z.detach()[:, :0],
-                                     v[:, -(window - 1):] if window > 1 else v[:, :0])
+            z, v = torch.cat([old.z, z], 1), torch.cat([old.valid, v], 1)
+        start = max(z.shape[1] - (window - 1), 0)
+        self.routes[layer] = History(z[:, start:], v[:, start:])
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         for j, r in self.routes.items():

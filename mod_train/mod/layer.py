@@ -142,7 +142,8 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
     idx_sel = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :n]
     slot_ok = torch.arange(n, device=h.device)[None, :] < counts[:, None]
     slots = meta.slots.gather(idx_sel, None if full else slot_ok)
-    hs = h.gather(1, idx_sel[..., None].expand(B, n, d))
+    gather_d = idx_sel[..., None].expand(B, n, d)
+    hs = h.gather(1, gather_d)
     ws = w.gather(1, idx_sel)[..., None].to(h.dtype)
     cs = meta.cos.gather(1, idx_sel[..., None].expand(B, n, meta.cos.shape[-1]))
     sn = meta.sin.gather(1, idx_sel[..., None].expand(B, n, meta.sin.shape[-1]))
@@ -150,7 +151,7 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         k, v = _kv(attn, x, meta.cos, meta.sin)
-        q = _q(attn, x.gather(1, idx_sel[..., None].expand(B, n, d)), cs, sn)
+        q = _q(attn, x.gather(1, gather_d), cs, sn)
         o = _attend_cached(attn, idx, q, k, v, slots, meta.slots, meta.cache, None, _window(layer, config), False)
         a = attn.o_proj(o.reshape(B, n, -1))
     else:
@@ -159,7 +160,7 @@ def routed_layer_fast(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: tor
     out = _gated(layer, hs, a, ws, gate_mode)
     if not full:  # padding slots point at unselected tokens: write their own value back
         out = torch.where(slot_ok[..., None], out, hs)
-    return h.scatter(1, idx_sel[..., None].expand(B, n, d), out)
+    return h.scatter(1, gather_d, out)
 
 
 def routed_layer_reference(layer, idx: int, h: torch.Tensor, meta: StepMeta, sel: torch.Tensor, w: torch.Tensor,

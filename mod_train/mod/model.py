@@ -123,8 +123,10 @@ class MoDMixin:
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
             am = am[:, -S:]
-            # decoding (the cache holds tokens) takes the mask as it is: no host sync per generated token
-            valid = am if cache is not None and cache.seen > 0 else None if bool(am.all()) else am
+            if cache is not None and cache.seen > 0:  # decoding takes the mask as it is: no host sync per token
+                valid = am
+            else:
+                valid = None if bool(am.all()) else am
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + S, device=h.device)[None].expand(B, S)

@@ -74,7 +74,7 @@ def group_lr_lambdas(tc: TrainConfig, names: list[str]) -> list:
     n = tc.router_stage_steps
     if n == 0:
         return [base for _ in names]
-    late = lr_lambda(dataclasses.replace(tc, max_steps=tc.max_steps - n))
+    late = lr_lambda(dataclasses.replace(tc, max_steps=tc.max_steps - n, router_stage_steps=0))
 
     def shifted(step: int) -> float:
         return 0.0 if step < n else late(step - n)
