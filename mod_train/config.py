@@ -566,6 +566,10 @@ class RunConfig(RunSpec):
     pooled)."""
     init_rate: Optional[float] = None
     """Execution rate of the start point (probe: per layer, None = the dense gate; allocated: the mean, required)."""
+    init_deleted: int = 0
+    """The hybrid start (init 'routed' only): this many routed layers of lowest block influence are deleted whole
+    first (off, p = 1: no compute, no K/V, as static pruning picks them) and the rest of the init_rate budget is
+    spread over tokens in the other layers."""
     mod: MoDConfig = field(default_factory=MoDConfig)
     """The method (MoDConfig)."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -582,6 +586,9 @@ class RunConfig(RunSpec):
         if self.mod.rate_hold == "window" and not self.mod.layer_rates and self.init == "dense":
             raise _bad("mod", "rate_hold", "window", "the held rates come from the start point: use init "
                        "'routed' (or 'allocated' / 'probe' with init_rate), or set mod.layer_rates")
+        if self.init_deleted < 0 or (self.init_deleted and self.init != "routed"):
+            raise _bad("RunConfig", "init_deleted", self.init_deleted, "layers deleted whole before routing: 0, or "
+                       f"a positive count with init 'routed' (init is {self.init!r})")
         if self.init in ("allocated", "routed") and self.init_rate is None:
             raise _bad("RunConfig", "init_rate", None, f"init={self.init!r} needs the start's mean execution rate, "
                        "e.g. 0.5")

@@ -335,6 +335,47 @@ def test_routed_start_writes_the_allocation_and_leaves_sinks_out(tmp_path):
     assert merged.rate_hold == "window"
 
 
+def test_hybrid_start_deletes_whole_layers_then_routes_the_rest(tmp_path):
+    from mod_train import fit_routers_to_importance
+    from mod_train.config import ConfigError, RunConfig
+    batches = _rows()
+    # layers already off count as rate 0 in the budget; the others share it token by token
+    m = modify(tiny_model(layers=6), MoDConfig(layers="all", dense_first=1, layer_thresholds={2: 1.0, 4: 1.0}))
+    fit_routers_to_importance(m, batches, rate=0.4, pooled=True)
+    r = m.mod_config.layer_rates
+    assert r[2] == 0.0 and r[4] == 0.0 and m.mod_config.is_off(2) and m.mod_config.is_off(4)
+    assert abs(sum(r.values()) / 5 - 0.4) < 0.02  # 2 layers' worth spent over 3 layers
+    assert all(0.0 < r[j] < 1.0 for j in (1, 3, 5))
+    with pytest.raises(ValueError, match="cannot be spent"):  # 3 on layers cannot carry 0.8 of 5
+        fit_routers_to_importance(modify(tiny_model(layers=6), MoDConfig(
+            layers="all", dense_first=1, layer_thresholds={2: 1.0, 4: 1.0})), batches, rate=0.8, pooled=True)
+    with pytest.raises(ConfigError, match="init_deleted"):
+        RunConfig(model="m", out="o", init="allocated", init_rate=0.5, init_deleted=2).validate()
+    with pytest.raises(ConfigError, match="init_deleted"):
+        RunConfig(model="m", out="o", init="routed", init_rate=0.5, init_deleted=-1).validate()
+
+
+def test_hybrid_probe_start_deletes_the_lowest_influence_layers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from harness import write_tiny_recipe
+    from mod_train.config import ConfigError
+    from mod_train.experiments.probe import first_rows, probe_start, start_mod_config
+    from mod_train.mod.prune import block_influence, lowest_influence
+    base, recipe = write_tiny_recipe(tmp_path, n_docs=20, seq_len=64)
+    recipe = str(recipe)
+    cfg = MoDConfig(layers="all", dense_first=1, sink_tokens=1)
+    path, _ = probe_start(str(base), cfg, recipe, 64, tmp_path / "h", rate=0.3, pooled=True, delete=2)
+    bi = block_influence(AutoModelForCausalLM.from_pretrained(base).eval(), first_rows(recipe, 64))
+    drop = lowest_influence({j: bi[j] for j in range(1, 4)}, 2)  # the tiny model: 4 layers, 1..3 routed
+    got = start_mod_config(MoDConfig(layers="all", dense_first=1, rate_hold="window"), path)
+    assert sorted(j for j, p in got.layer_thresholds.items() if p >= 1.0) == drop  # pruning's choice
+    assert all(got.layer_rates[j] == 0.0 for j in drop)
+    assert abs(sum(got.layer_rates.values()) / 3 - 0.3) < 0.03
+    with pytest.raises(ConfigError, match="at most 2 can be deleted"):
+        probe_start(str(base), cfg, recipe, 64, tmp_path / "h2", rate=0.3, pooled=True, delete=3)
+
+
 def test_flops_and_kv_count_kept_kv():
     from mod_train.eval import flops as F
     from mod_train.eval.metrics import ideal_kv_fraction

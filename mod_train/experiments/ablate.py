@@ -55,7 +55,8 @@ class AblationConfig:
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     """Variants to run (see the module docstring); topk needs threshold (its capacity) unless topk_capacity is set."""
     variant_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Named variants of `threshold`: {name: {'mod': {...}, 'train': {...}, 'init': 'probe', 'init_rate': 0.46}}
+    """Named variants of `threshold`: {name: {'mod': {...}, 'train': {...}, 'init': 'probe', 'init_rate': 0.46,
+    'init_deleted': 7}} ('init_deleted': the hybrid start of init 'routed', RunConfig.init_deleted)
     (one factor each; 'init_rate' when the factor changes the routed layers, so the same budget is another rate)."""
     steps: int = 30
     """Optimizer steps per variant."""
@@ -192,7 +193,8 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
         from mod_train.experiments.probe import probe_start, start_mod_config
         model_path, _ = probe_start(model_path, mod_cfg, cfg.recipe, cfg.seq_len, run / "init_model",
                                     over.get("init_rate", cfg.init_rate),
-                                    allocate=init == "allocated", pooled=init == "routed")
+                                    allocate=init == "allocated", pooled=init == "routed",
+                                    delete=over.get("init_deleted", 0))
         mod_cfg = start_mod_config(mod_cfg, model_path)
     tr = Trainer(RunSpec(model=model_path, out=str(run), ds=cfg.ds, recipe=cfg.recipe, dense=mod_cfg is None,
                          teacher=teacher if tc.uses_teacher else None), tc, mod_cfg)
@@ -207,7 +209,8 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
     last = m[max(m)] if m else {}
     info = {"status": status["status"], "train_seconds": secs, "final_lm_loss": last.get("loss/lm"),
             "final_kd_loss": last.get("loss/kd"), "final_train_rate": last.get("routing/rate_mean"),
-            "first_lm_loss": m[min(m)].get("loss/lm") if m else None, "train": tc.to_dict(), "init": init}
+            "first_lm_loss": m[min(m)].get("loss/lm") if m else None, "train": tc.to_dict(), "init": init,
+            "init_deleted": over.get("init_deleted", 0)}
     if cfg.save_models:
         model.save_pretrained(run / "model")
     if not cfg.keep_checkpoints:

@@ -142,7 +142,9 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3,
     their own scale (the predicted log relative update, comparable across layers) and share one centre: every
     (token, layer) pair whose predicted update is among the largest `rate` share of all of them runs, so
     layers that barely change the hidden state run few tokens and important ones most. The routers are
-    measured on the hidden states of the model as it is when called (dense init: the dense model's).
+    measured on the hidden states of the model as it is when called (dense init: the dense model's). Layers
+    already off when called (p = 1: deleted whole, the hybrid start) count as rate 0 in the budget and take
+    no part in the ranking: the other layers share rate * n_routed / n_on of their tokens.
     Sink tokens (MoDConfig.sink_tokens) always run, so they are left out of the fit and of the ranking. With a
     per-layer or pooled `rate`, the allocation is written to MoDConfig.layer_rates (what rate_hold='window'
     holds on any text) and layers allocated rate 0 are turned off (p = 1: static deletion, no K/V in any mode).
@@ -156,8 +158,18 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3,
     if pooled and not isinstance(rate, float):
         raise ValueError("fit_routers_to_importance(pooled=True) needs one float rate, the budget over all layers")
     cfg = model.mod_config
+    off = [i for i in model.routed_layers if cfg.is_off(i)] if pooled else []
+    if pooled:
+        on = len(model.routed_layers) - len(off)
+        share = rate * len(model.routed_layers) / max(on, 1)
+        if on == 0 or share > 1.0:
+            raise ValueError(f"fit_routers_to_importance: budget {rate} over {len(model.routed_layers)} routed layers "
+                             f"cannot be spent in the {on} that are not off (each would run {share:.3f} > 1); "
+                             "delete fewer layers or lower the rate")
     fit, probes = {}, []
     for i, layer, states in _routed_walk(model, batches):
+        if i in off:
+            continue
         xs, ys = [], []
         for h, meta in states:
             upd = dense_layer(layer, i, h, meta, model.config) - h
@@ -190,11 +202,11 @@ def fit_routers_to_importance(model, batches, ridge: float = 1e-3,
     if pooled:
         allpred = torch.cat([p[-1] for p in probes])
         scale = 1.0 / allpred.std().clamp(min=1e-6)
-        centre = rate_quantile(allpred.float(), rate)
+        centre = rate_quantile(allpred.float(), share)
         for i, r, w, mx, my, pred in probes:  # z = scale * (predicted update - centre) + logit(p_i)
             r.weight.copy_((w * scale).to(r.weight.dtype)[None])
             r.bias.fill_(float(scale * (my - mx @ w - centre) + logit(cfg.threshold_for(i))))
-        rates = {i: float((pred >= centre).double().mean()) for i, *_, pred in probes}
+        rates = {**{i: 0.0 for i in off}, **{i: float((pred >= centre).double().mean()) for i, *_, pred in probes}}
     elif rates is None and rate is not None:
         rates = {i: float(rate) for i in fit}
     if rates is not None:  # the allocation: held by rate_hold='window'; a layer at rate 0 is off (p = 1)
