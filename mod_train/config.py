@@ -74,6 +74,12 @@ class MoDConfig:
     """Weight of top-k's BCE loss making sigmoid(r) > 0.5 agree with top-k membership."""
     impl: Literal["fast", "reference"] = "fast"
     """'fast' (gather selected tokens, compute, scatter) or 'reference' (full compute with masks)."""
+    decode: Literal["eager", "static", "cuda_graphs"] = "eager"
+    """How generation decodes one token per row (mod_train.mod.graphs): 'eager' (the layers as in prefill),
+    'static' (every buffer at a fixed shape and address, lengths, masks, positions and routing history on the
+    device, one host decision per routed layer: does any row run it) or 'cuda_graphs' (the static step captured
+    as CUDA graphs, one per run of dense layers and one per routed layer's body, replayed; on a CPU model it
+    decodes as 'static'). Prefill and training are not affected."""
     sink_tokens: int = 0
     """The first n tokens of every document (position ids 0..n-1) run every routed layer whatever their gate, in
     training, prefill and decode (the attention sink); counted in rates and KV; top-k selects outside them."""
@@ -106,6 +112,7 @@ class MoDConfig:
             "gate": ("auto", "submodule", "block"),
             "topk_weight": ("sigmoid", "logit"),
             "impl": ("fast", "reference"),
+            "decode": ("eager", "static", "cuda_graphs"),
             "skipped_kv": ("drop", "keep"),
             "rate_hold": ("off", "window"),
         }

@@ -33,3 +33,16 @@ def test_peak_memory_not_measured_is_reported_as_na(smollm2_dir, tmp_path):
     assert row["peak_ratio"] is None and row["dense_peak_bytes"] is None
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["peak_ratio"] is None
     assert table(res).rstrip().endswith("| n/a |")
+
+
+def test_serve_with_static_decode_times_the_dense_baseline_through_the_same_path(smollm2_dir, tmp_path):
+    """--decode static: the dense row is the MoD model with routing off on a dense MoDCache, decoded by the same
+    static step (the fair baseline for CUDA graphs); its KV is the dense model's."""
+    base = dict(dense=str(smollm2_dir), lengths=[64], rates=[0.5], decode_tokens=3, serve=True,
+                serve_memory_gb=0.05, serve_max_batch=2)
+    eager = run_bench(BenchConfig(**base, out=str(tmp_path / "e")), progress=False)["serve"]
+    static = run_bench(BenchConfig(**base, decode="static", out=str(tmp_path / "s")), progress=False)["serve"]
+    for e, s in zip(eager, static):
+        assert s["kv_bytes_per_seq"] == pytest.approx(e["kv_bytes_per_seq"], rel=1e-6)
+        assert s["fit_seqs"] == e["fit_seqs"] and s["tok_s_b1"] > 0 and s["tok_s_batch"] > 0
+    assert static[1]["rates"] == eager[1]["rates"]

@@ -53,6 +53,9 @@ class BenchConfig:
     """Memory for KV caches and one prefill's working set; None: free CUDA memory after loading, 4 GiB on CPU."""
     serve_max_batch: int = 64
     """Largest batch actually timed (the count of sequences that fit is reported beyond it)."""
+    decode: Literal["eager", "static", "cuda_graphs"] = "eager"
+    """How decode steps run (MoDConfig.decode). Not 'eager': the dense baseline is the MoD model with routing off,
+    decoded by the same static pieces (and CUDA graphs), so both pay the same per-step overhead."""
     memory: bool = True
     """On CPU, measure peak RSS growth in a fresh process per configuration (one extra prefill each); false: the
     peak-memory ratio is n/a (null in bench.json), since RSS growth inside the warm benchmark process means nothing."""
@@ -115,11 +118,26 @@ def real_token_ids(tokenizer, n: int, skip: int = 0) -> torch.Tensor:
     return torch.tensor(ids[skip:skip + n])[None]
 
 
+class RoutingOff:
+    """The dense baseline of a non-eager decode benchmark: the MoD model called with routing off (every layer
+    dense, a dense MoDCache), so it decodes through the same static step and graphs as the MoD rows."""
+
+    def __init__(self, mod):
+        self.mod, self.config = mod, mod.config
+
+    def __call__(self, **kw):
+        with self.mod.routing_disabled():
+            return self.mod(**kw)
+
+    def __getattr__(self, name):  # train(), eval(), zero_grad(): the model's own
+        return getattr(self.mod, name)
+
+
 @torch.no_grad()
 def _prefill(model, ids, device, is_mod):
     """One timed prefill with a fresh cache: (output, seconds, peak memory growth)."""
     from mod_train import MoDCache
-    cache = MoDCache(model.config.num_hidden_layers) if is_mod else None
+    cache = MoDCache(model.config.num_hidden_layers) if is_mod or isinstance(model, RoutingOff) else None
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
@@ -203,6 +221,9 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
     else:
         mod = mod_train.random_routers(mod_train.modify(copy.deepcopy(dense), mod_train.MoDConfig()).eval(),
                                        seed=cfg.seed)
+    mod.set_mod_config(replace(mod.mod_config, decode=cfg.decode))
+    if cfg.decode != "eager":
+        dense = RoutingOff(mod)
     max_len = max(cfg.lengths + list(cfg.train_lengths))
     ids_all = real_token_ids(tok, max_len).to(device)
     # thresholds are calibrated on the longest benchmark input (up to 8k tokens): latency depends only on

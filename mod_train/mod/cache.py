@@ -82,11 +82,16 @@ class _LayerKV:
 class MoDCache:
     """KV cache of a MoD model. Pass it as `cache=` or let `generate()` create it."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, max_length: int | None = None):
         self.layers = [_LayerKV() for _ in range(num_layers)]
         self.routes: dict[int, History] = {}  # rate_hold='window': each routed layer's last logits per row
         self.seen = 0  # tokens processed per row (dense positions, padding included)
+        self.max_length = max_length  # tokens per row the generation will reach (generate() sets it): static decode
+        self.static = None  # MoDConfig.decode 'static' / 'cuda_graphs': the StaticDecoder, made at its first step
         self._is_user_defined = False
+
+    def __getstate__(self):  # a copy (copy.deepcopy) makes its own static decoder: it holds the model
+        return {**self.__dict__, "static": None}
 
     # -- HF generation interface -------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -120,6 +125,7 @@ class MoDCache:
         self.routes[layer] = History(z[:, start:], v[:, start:])
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.static = None  # new buffers: a static decoder is made again
         for j, r in self.routes.items():
             self.routes[j] = History(r.z.index_select(0, beam_idx.to(r.z.device)),
                                      r.valid.index_select(0, beam_idx.to(r.z.device)))

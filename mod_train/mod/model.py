@@ -17,6 +17,7 @@ from mod_train.config import MoDConfig
 from mod_train.mod import router as R
 from mod_train.mod.attention import Slots
 from mod_train.mod.cache import MoDCache
+from mod_train.mod.graphs import static_decode_applies, static_decoder
 from mod_train.mod.layer import StepMeta, dense_layer, routed_layer_fast, routed_layer_reference, router_input
 
 
@@ -213,6 +214,12 @@ class MoDMixin:
                             "it or pass mod_train.MoDCache(model.config.num_hidden_layers)")
         if use_cache and cache is None:
             cache = MoDCache(self.config.num_hidden_layers)
+        if static_decode_applies(self, cache, input_ids, inputs_embeds, labels, doc_ids):
+            logits, routing = static_decoder(self, cache).step(input_ids, attention_mask, position_ids)
+            return MoDCausalLMOutput(logits=logits, cache=cache, aux_loss=torch.zeros((), device=logits.device),
+                                     routing=routing)
+        if cache is not None and cache.static is not None:
+            cache.static = None  # an eager call moves what the static step holds: it is made again
         h, meta = self.mod_embed(input_ids, attention_mask, position_ids, doc_ids, inputs_embeds, cache)
         h, terms = self.mod_stack(h, meta)
         if cache is not None:
@@ -226,9 +233,12 @@ class MoDMixin:
 
     # -- generation ----------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        max_length = kwargs.get("max_cache_length", args[-1] if args and isinstance(args[-1], int) else None)
         if model_kwargs.get("cache") is not None:
-            model_kwargs["cache"]._is_user_defined = True
+            cache = model_kwargs["cache"]
+            cache._is_user_defined = True
+            cache.max_length = cache.max_length or max_length
             return
         if generation_config.use_cache is False:
             return
-        model_kwargs["cache"] = MoDCache(self.config.num_hidden_layers)
+        model_kwargs["cache"] = MoDCache(self.config.num_hidden_layers, max_length=max_length)

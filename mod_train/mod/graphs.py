@@ -1,0 +1,278 @@
+"""Static-shape decoding and CUDA graphs (MoDConfig.decode 'static' / 'cuda_graphs').
+
+Eager decoding of one token per row is launch-bound on a GPU: a few kernels per sub-module, each launched from
+Python. A CUDA graph replays a recorded sequence of kernels with one launch, but only if every tensor it touches
+keeps its shape and address from one step to the next. The static step is that form of a decode step:
+
+- every layer's K/V live in the MoDCache's own buffers (`_LayerKV`), sized once for the whole generation
+  (`MoDCache.max_length`, which `generate()` sets; grown in chunks otherwise), written at each row's device-side
+  length with a scatter, and attention runs over the whole buffer under the validity mask (slots past a row's
+  length are invalid), so no shape depends on how many tokens a row has stored;
+- positions, the token's validity, the routing decision, the gate and the rate-hold history (a ring of the last
+  rate_window - 1 logits per row) are device tensors, written in place;
+- the host decides once per routed layer whether any row runs it (`flag`, one sync); rows that do not run it
+  in a batch are computed and discarded (their output is their input, their K/V are not kept in 'drop' mode).
+
+The step is split where the host decides: one piece for each run of consecutive dense layers (with the
+embedding before the first, the head after the last, and the router of the routed layer that follows), one
+for each routed layer's body, and one for a 'keep' layer's K/V when no row runs it. With 'cuda_graphs' each
+piece is captured once per cache (its first call runs eagerly on a side stream as the warm-up, its second is
+captured and every later one replayed) in one memory pool shared by the pieces; the graphs are dropped and
+captured again if a buffer moves (growth, beam reordering). On CPU 'cuda_graphs' decodes as 'static': the same
+pieces, called directly, which is how the logic is tested without a GPU.
+
+The static step equals the eager one (tests/test_static_decode.py): the same routing rule on the same logits,
+the same K/V, attention over the same valid keys. What it changes is where the work is decided, not what is
+computed, except that a batch computes a routed layer for every row when any row runs it.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from mod_train.mod import router as R
+from mod_train.mod.layer import _gated, _kv, _qkv, _window, router_input
+
+CHUNK = 256  # slots added per growth when the cache has no max_length
+
+
+class StaticDecoder:
+    """The static decode step of one model on one MoDCache (kept on the cache; see the module docstring)."""
+
+    def __init__(self, model, cache, graphs: bool):
+        self.model, self.cache, self.wanted = model, cache, bool(graphs)
+        self.graphs = bool(graphs) and torch.cuda.is_available() and model.lm_head.weight.is_cuda
+        self._key = None  # (routing off, batch, buffer addresses): the state below is valid for it
+        self._g: dict = {}
+        self._warm: set = set()
+        self._pool = None
+
+    # -- state ----------------------------------------------------------------------------------------
+    def _plan(self):
+        """[('piece', name, [fns])] and [('cond', layer)] in order: the host decides at each 'cond'."""
+        m, cfg = self.model, self.model.mod_config
+        dense_only = m._routing_off
+        plan, cur, name = [], [self._embed], "embed"
+        self.routed, self.writers = [], []
+        for i, layer in enumerate(m.model.layers):
+            if dense_only or not hasattr(layer, "router"):
+                cur.append(partial(self._dense, i))
+                self.writers.append(i)
+                continue
+            if cfg.routing == "threshold" and cfg.is_off(i):
+                continue  # no token runs it, nothing is stored: not in the step at all
+            cur.append(partial(self._decide, i))
+            plan.append(("piece", name, cur))
+            plan.append(("cond", i))
+            self.routed.append(i)
+            self.writers.append(i)
+            cur, name = [], f"after{i}"
+        cur.append(self._head)
+        plan.append(("piece", name, cur))
+        return plan
+
+    def _prepare(self, B: int):
+        """Make every buffer the step touches exist at a fixed address, with room for the next token."""
+        m, cache, cfg = self.model, self.cache, self.model.mod_config
+        self.plan = self._plan()
+        p = m.lm_head.weight
+        dev, dt = p.device, p.dtype
+        attn = m.model.layers[0].self_attn
+        Hkv = m.config.num_key_value_heads
+        for i in self.writers:  # room for the rest of the generation (max_length), else a chunk more
+            L = cache.layers[i]
+            cap = 0 if L.k is None else L.k.shape[2]
+            if L.bound + 1 <= cap:
+                continue
+            if L.k is None:
+                L.length = torch.zeros(B, dtype=torch.long, device=dev)
+            grow = max(cache.max_length - cache.seen, 1) if cache.max_length else max(CHUNK, cap // 8)
+            L._grow(B, Hkv, attn.head_dim, max(L.bound + 1, cap + grow) if cap else L.bound + grow,
+                    L.k if L.k is not None else torch.empty(0, dtype=dt, device=dev))
+        key = (m._routing_off, B, tuple(cache.layers[i].k.data_ptr() for i in self.writers))
+        if key == self._key and self.st["ids"].shape[0] == B:
+            return
+        self._key, self._g, self._warm = key, {}, set()
+        d = m.config.hidden_size
+        hd = attn.head_dim
+        st = self.st = {
+            "ids": torch.zeros(B, 1, dtype=torch.long, device=dev),
+            "pos": torch.zeros(B, dtype=torch.long, device=dev),
+            "ok": torch.ones(B, dtype=torch.bool, device=dev),
+            "h": torch.zeros(B, 1, d, dtype=dt, device=dev),
+            "cos": torch.zeros(B, 1, hd, dtype=dt, device=dev),
+            "sin": torch.zeros(B, 1, hd, dtype=dt, device=dev),
+            "logits": torch.zeros(B, 1, m.config.vocab_size, dtype=dt, device=dev),
+        }
+        self.sel, self.w, self.flag, self.z, self.hist = {}, {}, {}, {}, {}
+        for i in self.routed:
+            self.sel[i] = torch.zeros(B, dtype=torch.bool, device=dev)
+            self.w[i] = torch.zeros(B, 1, dtype=torch.float32, device=dev)
+            self.z[i] = torch.zeros(B, 1, dtype=torch.float32, device=dev)
+            self.flag[i] = torch.zeros((), dtype=torch.bool, device=dev)
+            if cfg.held_rate(i) is not None:  # the history ring, left-padded with invalid slots
+                W1 = cfg.rate_window - 1
+                old = cache.route_history(i)
+                zt = old.z.dtype if old is not None else dt
+                z = torch.zeros(B, W1, dtype=zt, device=dev)
+                v = torch.zeros(B, W1, dtype=torch.bool, device=dev)
+                if old is not None and W1 > 0:
+                    n = min(old.z.shape[1], W1)
+                    z[:, W1 - n:] = old.z[:, old.z.shape[1] - n:]
+                    v[:, W1 - n:] = old.valid[:, old.valid.shape[1] - n:]
+                self.hist[i] = R.History(z, v)
+                cache.routes[i] = self.hist[i]  # the cache's history is the ring from now on
+
+    # -- the pieces (each writes only into buffers allocated above) ----------------------------------------
+    def _embed(self):
+        st, m = self.st, self.model
+        h = m.model.embed_tokens(st["ids"])
+        cos, sin = m.model.rotary_emb(h, st["pos"][:, None])
+        st["h"].copy_(h)
+        st["cos"].copy_(cos)
+        st["sin"].copy_(sin)
+
+    def _write(self, i, k, v, write):
+        L, st = self.cache.layers[i], self.st
+        B, H, _, D = k.shape
+        at = L.length.view(B, 1, 1, 1).expand(B, H, 1, D)
+        L.k.scatter_(2, at, k.to(L.k.dtype))
+        L.v.scatter_(2, at, v.to(L.v.dtype))
+        L.pos.scatter_(1, L.length[:, None], st["pos"][:, None])
+        L.valid.scatter_(1, L.length[:, None], write[:, None])
+        L.length.add_(write.long())
+
+    def _attention(self, i, x, write):
+        """The layer's attention for the step's token: K/V written where `write`, queries over every valid slot."""
+        layer, st, L = self.model.model.layers[i], self.st, self.cache.layers[i]
+        attn = layer.self_attn
+        q, k, v = _qkv(attn, x, st["cos"], st["sin"])
+        self._write(i, k, v, write)
+        mask = L.valid
+        window = _window(layer, self.model.config)
+        if window is not None:
+            mask = mask & ((st["pos"][:, None] - L.pos) < window)
+        mask = mask | ~mask.any(-1, keepdim=True)  # a row with nothing to see (a discarded one) sees every slot
+        o = F.scaled_dot_product_attention(q, L.k, L.v, attn_mask=mask[:, None, None, :], scale=attn.scaling,
+                                           enable_gqa=q.shape[1] != L.k.shape[1])
+        return attn.o_proj(o.transpose(1, 2).reshape(q.shape[0], 1, -1))
+
+    def _dense(self, i):
+        layer, h = self.model.model.layers[i], self.st["h"]
+        h1 = h + self._attention(i, layer.input_layernorm(h), self.st["ok"])
+        h.copy_(h1 + layer.mlp(layer.post_attention_layernorm(h1)))
+
+    def _decide(self, i):
+        layer, st, cfg = self.model.model.layers[i], self.st, self.model.mod_config
+        z = layer.router(router_input(layer, st["h"], cfg.router_input))
+        hist = self.hist.get(i)
+        sel, _ = R.select(z, st["ok"][:, None], cfg, i, True, st["pos"][:, None], None, hist)
+        if hist is not None and hist.z.shape[1] > 0:
+            hist.z.copy_(torch.cat([hist.z[:, 1:], z.to(hist.z.dtype)], 1))
+            hist.valid.copy_(torch.cat([hist.valid[:, 1:], st["ok"][:, None]], 1))
+        self.z[i].copy_(z)
+        self.sel[i].copy_(sel[:, 0])
+        self.w[i].copy_(R.block_weight(z, cfg))
+        self.flag[i].copy_(sel.any())
+
+    def _body(self, i):
+        layer, st, cfg = self.model.model.layers[i], self.st, self.model.mod_config
+        h, run = st["h"], self.sel[i]
+        keep = cfg.skipped_kv == "keep"
+        a = self._attention(i, layer.input_layernorm(h), st["ok"] if keep else run)
+        out = _gated(layer, h, a, self.w[i][..., None].to(h.dtype), cfg.gate_mode)
+        h.copy_(torch.where(run[:, None, None], out, h))
+
+    def _kv_only(self, i):
+        """'keep' with no row running the layer: every valid token's K/V are still stored."""
+        layer, st = self.model.model.layers[i], self.st
+        k, v = _kv(layer.self_attn, layer.input_layernorm(st["h"]), st["cos"], st["sin"])
+        self._write(i, k, v, st["ok"])
+
+    def _head(self):
+        m, st = self.model, self.st
+        st["logits"].copy_(m.lm_head(m.model.norm(st["h"])))
+
+    # -- running ----------------------------------------------------------------------------------------
+    def _run(self, key, fns):
+        if not self.graphs:
+            for f in fns:
+                f()
+            return
+        g = self._g.get(key)
+        if g is None:
+            if key not in self._warm:  # the first call is the warm-up, a real step on a side stream
+                self._warm.add(key)
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for f in fns:
+                        f()
+                torch.cuda.current_stream().wait_stream(s)
+                return
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):  # recorded, not run: the replay below runs it
+                for f in fns:
+                    f()
+            self._g[key] = g
+        g.replay()
+
+    @torch.no_grad()
+    def step(self, input_ids, attention_mask=None, position_ids=None):
+        """One decode step: input_ids [B, 1] -> (logits [B, 1, V], {routed layer: {'rate', 'gate'}})."""
+        cache, cfg = self.cache, self.model.mod_config
+        B = input_ids.shape[0]
+        self._prepare(B)
+        st = self.st
+        st["ids"].copy_(input_ids)
+        if position_ids is not None:
+            st["pos"].copy_(position_ids[:, -1])
+        elif attention_mask is not None:
+            st["pos"].copy_((attention_mask.long().sum(-1) - 1).clamp(min=0))
+        else:
+            st["pos"].fill_(cache.seen)
+        if attention_mask is not None:
+            st["ok"].copy_(attention_mask[:, -1].bool())
+        else:
+            st["ok"].fill_(True)
+        wrote = set(i for i in self.writers if i not in self.routed)
+        for item in self.plan:
+            if item[0] == "piece":
+                self._run(item[1], item[2])
+                continue
+            i = item[1]
+            if bool(self.flag[i]):  # the one host decision of a routed layer: does any row run it
+                self._run(("body", i), [partial(self._body, i)])
+                wrote.add(i)
+            elif cfg.skipped_kv == "keep":
+                self._run(("kv", i), [partial(self._kv_only, i)])
+                wrote.add(i)
+        for i in wrote:  # host-side bookkeeping of the eager path: an upper bound, and masks from now on
+            L = cache.layers[i]
+            L.bound += 1
+            L.padded = True
+        cache.seen += 1
+        routing = {i: {"rate": self.sel[i].float().mean(), "gate": torch.sigmoid(self.z[i]).mean()}
+                   for i in self.routed}
+        return st["logits"].clone(), routing
+
+
+def static_decode_applies(model, cache, input_ids, inputs_embeds, labels, doc_ids) -> bool:
+    """The forward is one decode step the static path can take (else the eager path runs)."""
+    cfg = model.mod_config
+    return (cfg.decode != "eager" and cache is not None and cache.seen > 0 and input_ids is not None
+            and input_ids.shape[1] == 1 and inputs_embeds is None and labels is None and doc_ids is None
+            and not torch.is_grad_enabled() and cfg.impl == "fast" and model._taps is None)
+
+
+def static_decoder(model, cache) -> StaticDecoder:
+    """The cache's static decoder (made at its first static step, again if the model or the setting changes)."""
+    graphs = model.mod_config.decode == "cuda_graphs"
+    dec = cache.static
+    if dec is None or dec.model is not model or dec.wanted != graphs:
+        dec = cache.static = StaticDecoder(model, cache, graphs)
+    return dec

@@ -1,0 +1,187 @@
+"""MoDConfig.decode 'static' (and 'cuda_graphs', which decodes as 'static' on CPU): the static decode step equals
+the eager one, token by token and in generate(), for every routing semantics, at batch 1 and for a ragged batch of
+4 with left padding; it takes one host decision per routed layer at any batch size and none elsewhere; its buffers
+keep their addresses from step to step (what a CUDA graph needs); with CUDA, the captured graphs replay it exactly."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mod_train import MoDCache, MoDConfig, modify, random_routers
+
+from conftest import tiny_model
+from test_decode_syncs import count_syncs
+
+SEMANTICS = {
+    "drop": MoDConfig(layers=[1, 2, 4]),
+    "keep+sink": MoDConfig(layers=[1, 2, 4], skipped_kv="keep", sink_tokens=1),
+    "hold": MoDConfig(layers=[1, 2, 4], rate_hold="window", layer_rates={1: 0.5, 2: 0.7, 4: 0.3}, rate_window=6,
+                      sink_tokens=1),
+    "off+keep": MoDConfig(layers=[1, 2, 4], skipped_kv="keep", layer_thresholds={2: 1.0}),
+    "topk": MoDConfig(layers=[1, 2, 4], routing="topk", gate="block"),
+}
+
+
+def _model(cfg, arch="llama", layers=6):
+    return random_routers(modify(tiny_model(arch, layers=layers), cfg), std=1.5).eval()
+
+
+def _batch(B, S, pad):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if pad:
+        for b in range(B):
+            mask[b, : 2 * b] = 0
+    return ids, mask
+
+
+def _decode(m, ids, mask, steps, decode, max_length=None):
+    """Greedy decoding by hand: (logits of every step [B, steps, V], tokens [B, steps], cache)."""
+    m.set_mod_config(dataclasses.replace(m.mod_config, decode=decode))
+    cache = MoDCache(m.config.num_hidden_layers, max_length=max_length)
+    out, logits, toks = None, [], []
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, cache=cache)
+        for _ in range(steps):
+            tok = out.logits[:, -1:].argmax(-1)
+            toks.append(tok)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            out = m(input_ids=tok, attention_mask=mask, cache=cache)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1), torch.cat(toks, 1), cache
+
+
+@pytest.mark.parametrize("name", list(SEMANTICS))
+@pytest.mark.parametrize("B, pad", [(1, False), (4, True)])
+def test_static_step_equals_the_eager_step(name, B, pad):
+    m = _model(SEMANTICS[name])
+    ids, mask = _batch(B, 10, pad)
+    le, te, ce = _decode(m, ids, mask, 12, "eager")
+    ls, ts, cs = _decode(m, ids, mask, 12, "static", max_length=10 + 12)
+    assert cs.static is not None and ce.static is None
+    torch.testing.assert_close(ls, le, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ts, te)
+    # the same K/V were kept: per layer and row, the same stored tokens and the same bytes counted
+    assert cs.layer_lengths() == ce.layer_lengths()
+    assert cs.total_bytes() == ce.total_bytes()
+
+
+def test_static_decode_of_a_sliding_window_model_and_without_a_hint():
+    """Mistral's window masks by position; a cache with no max_length grows in chunks and the step stays exact."""
+    m = _model(MoDConfig(layers=[1, 3], sink_tokens=1), arch="mistral", layers=4)
+    ids, mask = _batch(2, 9, True)
+    le, te, _ = _decode(m, ids, mask, 10, "eager")
+    ls, ts, cs = _decode(m, ids, mask, 10, "static")
+    torch.testing.assert_close(ls, le, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ts, te)
+
+
+def test_generate_with_static_decode_equals_eager_and_sizes_the_cache_once():
+    m = _model(SEMANTICS["hold"])
+    ids, mask = _batch(4, 8, True)
+    outs, caches = {}, {}
+    for decode in ("eager", "static", "cuda_graphs"):  # cuda_graphs decodes as static on a CPU model
+        m.set_mod_config(dataclasses.replace(m.mod_config, decode=decode))
+        cache = MoDCache(m.config.num_hidden_layers)
+        outs[decode] = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False,
+                                  cache=cache, pad_token_id=0)
+        caches[decode] = cache
+    assert torch.equal(outs["static"], outs["eager"]) and torch.equal(outs["cuda_graphs"], outs["eager"])
+    st = caches["static"]
+    assert st.max_length == 8 + 9 - 1 and not st.static.graphs  # the last new token is never fed back
+    # sized once for the whole generation: a dense layer's buffer holds exactly what it stored, no growth slack
+    assert st.layers[0].k.shape[2] == st.layers[0].bound == 16
+    assert all(L.k.shape[2] >= L.bound for L in st.layers if L.k is not None)
+
+
+def test_buffers_keep_their_addresses_from_step_to_step():
+    m = _model(SEMANTICS["keep+sink"])
+    m.set_mod_config(dataclasses.replace(m.mod_config, decode="static"))
+    ids, mask = _batch(2, 6, True)
+    cache = MoDCache(m.config.num_hidden_layers, max_length=6 + 8)
+    seen = set()
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, cache=cache)
+        for _ in range(8):
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            out = m(input_ids=tok, attention_mask=mask, cache=cache)
+            dec = cache.static
+            seen.add((dec._key, tuple(t.data_ptr() for t in dec.st.values()),
+                      tuple(L.length.data_ptr() for L in cache.layers if L.k is not None)))
+    assert len(seen) == 1, "a static buffer moved between steps: a captured graph would read stale memory"
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_static_step_syncs_once_per_routed_layer_at_any_batch(B):
+    cfg = dataclasses.replace(SEMANTICS["drop"], decode="static")
+    for layers, routed in ((6, [1, 2, 4]), (10, [1, 2, 4])):
+        m = _model(dataclasses.replace(cfg, layers=routed), layers=layers)
+        ids, mask = _batch(B, 8, B > 1)
+        cache = MoDCache(layers, max_length=20)
+        with torch.no_grad():
+            out = m(input_ids=ids, attention_mask=mask, cache=cache)
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            m(input_ids=tok, attention_mask=mask, cache=cache)  # the first static step prepares the buffers
+            tok = torch.ones_like(tok)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+
+            def step():
+                m(input_ids=tok, attention_mask=mask, cache=cache)
+            assert count_syncs(step) <= len(routed), (layers, B)
+
+
+def test_dense_baseline_through_the_same_static_path_equals_the_dense_model():
+    """routing_disabled() + decode 'static': the dense model decoded by the same pieces (the benchmark's fair
+    baseline for graphs) gives the HF model's own logits."""
+    dense = tiny_model(layers=4).eval()
+    m = modify(tiny_model(layers=4), MoDConfig(layers=[1, 2], decode="static")).eval()
+    ids, mask = _batch(2, 7, True)
+    cache = MoDCache(4)
+    with torch.no_grad(), m.routing_disabled():
+        got = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True, cache=cache)
+    assert cache.static is not None and cache.static.routed == [] and len(cache.static.writers) == 4
+    want = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_an_eager_call_between_static_steps_rebuilds_the_static_state():
+    m = _model(SEMANTICS["hold"])
+    ids, mask = _batch(1, 8, False)
+    want, _, _ = _decode(m, ids, mask, 6, "eager")
+    m.set_mod_config(dataclasses.replace(m.mod_config, decode="static"))
+    cache = MoDCache(m.config.num_hidden_layers)
+    got = []
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, cache=cache)
+        for t in range(6):
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            if t == 3:  # one eager step in the middle (as with gradients on)
+                with torch.enable_grad():
+                    out = m(input_ids=tok, attention_mask=mask, cache=cache)
+                assert cache.static is None
+            else:
+                out = m(input_ids=tok, attention_mask=mask, cache=cache)
+            got.append(out.logits[:, -1].detach())
+    torch.testing.assert_close(torch.stack(got, 1), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["drop", "keep+sink", "hold"])
+def test_cuda_graph_decode_equals_the_static_step(name):  # pragma: no cover - runs where CUDA exists
+    m = _model(SEMANTICS[name]).cuda()
+    ids, mask = _batch(4, 10, True)
+    ids, mask = ids.cuda(), mask.cuda()
+    ls, ts, _ = _decode(m, ids, mask, 12, "static", max_length=22)
+    lg, tg, cg = _decode(m, ids, mask, 12, "cuda_graphs", max_length=22)
+    assert cg.static.graphs and cg.static._g, "no graph was captured"
+    torch.testing.assert_close(lg, ls, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tg, ts)
