@@ -46,3 +46,8 @@ def test_serve_with_static_decode_times_the_dense_baseline_through_the_same_path
         assert s["kv_bytes_per_seq"] == pytest.approx(e["kv_bytes_per_seq"], rel=1e-6)
         assert s["fit_seqs"] == e["fit_seqs"] and s["tok_s_b1"] > 0 and s["tok_s_batch"] > 0
     assert static[1]["rates"] == eager[1]["rates"]
+    # one decode step profiled: the MoD step syncs at most once per routed layer, the dense one never
+    n_routed = len(static[1]["rates"])
+    for rows in (eager, static):
+        assert rows[0]["syncs_step"] == 0 and 0 < rows[1]["syncs_step"] <= n_routed
+        assert rows[0]["launches_step"] > 0 and rows[1]["launches_step"] > 0

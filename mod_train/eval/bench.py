@@ -134,10 +134,12 @@ class RoutingOff:
 
 
 @torch.no_grad()
-def _prefill(model, ids, device, is_mod):
-    """One timed prefill with a fresh cache: (output, seconds, peak memory growth)."""
+def _prefill(model, ids, device, is_mod, n_decode: int = 0):
+    """One timed prefill with a fresh cache sized for `n_decode` more tokens (what generate() does; the static
+    decode step allocates once): (output, seconds, peak memory growth)."""
     from mod_train import MoDCache
-    cache = MoDCache(model.config.num_hidden_layers) if is_mod or isinstance(model, RoutingOff) else None
+    cache = MoDCache(model.config.num_hidden_layers, max_length=ids.shape[1] + n_decode) \
+        if is_mod or isinstance(model, RoutingOff) else None
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
@@ -149,7 +151,7 @@ def _prefill(model, ids, device, is_mod):
 @torch.no_grad()
 def _prefill_decode(model, ids, n_decode, device, is_mod):
     from mod_train import kv_cache_bytes
-    out, prefill, peak = _prefill(model, ids, device, is_mod)
+    out, prefill, peak = _prefill(model, ids, device, is_mod, n_decode)
     kv = kv_cache_bytes(out.cache)["total"]
     rates = {i: v["rate"].item() for i, v in out.routing.items()} if is_mod else {}
     decode = None
@@ -313,7 +315,7 @@ def serve_one(model, ids, n_decode: int, budget: int, max_batch: int, device, is
     `max_batch`). The batch shares the prefilled context (the cache repeated per row) and starts from each row's own
     next token (the prefill's top-B candidates), so the routed layers' decisions differ between rows as in serving."""
     from mod_train import kv_cache_bytes
-    out, prefill, peak = _prefill(model, ids, device, is_mod)
+    out, prefill, peak = _prefill(model, ids, device, is_mod, n_decode)
     cache = out.cache
     kv = kv_cache_bytes(cache)["total"]
     per_seq = kv * (ids.shape[1] + n_decode) / ids.shape[1]
@@ -322,11 +324,36 @@ def serve_one(model, ids, n_decode: int, budget: int, max_batch: int, device, is
     rates = {i: v["rate"].item() for i, v in out.routing.items()} if is_mod else {}
     batch = max(1, min(fit, max_batch))
     cand = out.logits[0, -1].topk(batch).indices[:, None]
-    s1, _ = _decode_loop(model, cand[:1], copy.deepcopy(cache), n_decode, device)
+    c1 = copy.deepcopy(cache)
+    if c1.__class__.__name__ == "MoDCache":
+        c1.max_length += 1  # room for the profiled step
+    s1, t1 = _decode_loop(model, cand[:1], c1, n_decode, device)
+    prof = step_profile(model, t1, c1, device)
     cache.reorder_cache(torch.zeros(batch, dtype=torch.long, device=ids.device))
     sb, _ = _decode_loop(model, cand, cache, n_decode, device)
     return dict(prefill_s=prefill, kv_bytes_per_seq=per_seq, prefill_work_bytes=work, fit_seqs=fit, batch=batch,
-                tok_s_b1=n_decode / s1, tok_s_batch=batch * n_decode / sb, rates=rates)
+                tok_s_b1=n_decode / s1, tok_s_batch=batch * n_decode / sb, rates=rates, **prof)
+
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")  # .item() / int() / bool() of a tensor, nonzero
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def step_profile(model, tok, cache, device) -> dict:
+    """One more decode step under the torch profiler: host syncs, and host-side launches (CUDA: kernel and graph
+    launches; CPU: leaf aten ops, each of which would launch at least one kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+    ev = prof.events()
+    if device.type == "cuda":
+        launches = sum(1 for e in ev if e.name in LAUNCHES)
+    else:
+        launches = sum(1 for e in ev if e.name.startswith("aten::")
+                       and not any(c.name.startswith("aten::") for c in e.cpu_children))
+    return dict(syncs_step=sum(1 for e in ev if e.name in SYNC_OPS), launches_step=launches)
 
 
 def run_serve(cfg: BenchConfig, dense, mod, ids_all, use, device, progress=True) -> list[dict]:
@@ -366,14 +393,15 @@ def _serve_budget(cfg: BenchConfig, device) -> int:
 def serve_table(rows: list[dict]) -> str:
     """Markdown table of the serving rows."""
     lines = ["| ctx | model | target r | realised r | KV / seq MB | seqs that fit | x dense | tok/s batch 1 | x dense "
-             "| batch timed | tok/s at batch | x dense |", "|" + "---|" * 12]
+             "| batch timed | tok/s at batch | x dense | syncs / step | launches / step |", "|" + "---|" * 14]
     for r in rows:
         mod = r["model"] == "mod"
         lines.append(
             f"| {r['length']} | {r['model']} | {r['target_rate'] if mod else '-'} | {r['realised_rate']:.3f} | "
             f"{r['kv_bytes_per_seq'] / 2**20:.1f} | {r['fit_seqs']} | {format(r['fit_ratio'], '.2f') + 'x' if mod else '-'} | "
             f"{r['tok_s_b1']:.1f} | {format(r['speedup_b1'], '.2f') + 'x' if mod else '-'} | {r['batch']} | "
-            f"{r['tok_s_batch']:.1f} | {format(r['speedup_batch'], '.2f') + 'x' if mod else '-'} |")
+            f"{r['tok_s_batch']:.1f} | {format(r['speedup_batch'], '.2f') + 'x' if mod else '-'} | "
+            f"{r.get('syncs_step', '-')} | {r.get('launches_step', '-')} |")
     return "\n".join(lines)
 
 
