@@ -337,11 +337,16 @@ def serve_one(model, ids, n_decode: int, budget: int, max_batch: int, device, is
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")  # .item() / int() / bool() of a tensor, nonzero
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+NO_KERNEL = frozenset(f"aten::{n}" for n in (  # metadata and allocation only: no kernel on a GPU
+    "view", "reshape", "_reshape_alias", "as_strided", "empty", "empty_strided", "empty_like", "t", "transpose",
+    "unsqueeze", "squeeze", "expand", "expand_as", "slice", "select", "_unsafe_view", "permute", "alias", "detach",
+    "resolve_conj", "resolve_neg", "lift_fresh", "split", "chunk", "unbind", "narrow", "unfold", "view_as",
+    "result_type", "is_nonzero", "size", "stride", "dim", "numel", "item", "_local_scalar_dense"))
 
 
 def step_profile(model, tok, cache, device) -> dict:
     """One more decode step under the torch profiler: host syncs, and host-side launches (CUDA: kernel and graph
-    launches; CPU: leaf aten ops, each of which would launch at least one kernel)."""
+    launches; CPU: leaf aten ops that compute, each of which would launch a kernel on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad(), profile(activities=acts) as prof:
@@ -351,7 +356,7 @@ def step_profile(model, tok, cache, device) -> dict:
     if device.type == "cuda":
         launches = sum(1 for e in ev if e.name in LAUNCHES)
     else:
-        launches = sum(1 for e in ev if e.name.startswith("aten::")
+        launches = sum(1 for e in ev if e.name.startswith("aten::") and e.name not in NO_KERNEL
                        and not any(c.name.startswith("aten::") for c in e.cpu_children))
     return dict(syncs_step=sum(1 for e in ev if e.name in SYNC_OPS), launches_step=launches)
 
