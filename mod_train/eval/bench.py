@@ -341,12 +341,13 @@ NO_KERNEL = frozenset(f"aten::{n}" for n in (  # metadata and allocation only: n
     "view", "reshape", "_reshape_alias", "as_strided", "empty", "empty_strided", "empty_like", "t", "transpose",
     "unsqueeze", "squeeze", "expand", "expand_as", "slice", "select", "_unsafe_view", "permute", "alias", "detach",
     "resolve_conj", "resolve_neg", "lift_fresh", "split", "chunk", "unbind", "narrow", "unfold", "view_as",
-    "result_type", "is_nonzero", "size", "stride", "dim", "numel", "item", "_local_scalar_dense"))
+    "result_type", "is_nonzero", "size", "stride", "dim", "numel", "item", "_local_scalar_dense", "to", "resize_",
+    "scalar_tensor"))
 
 
 def step_profile(model, tok, cache, device) -> dict:
     """One more decode step under the torch profiler: host syncs, and host-side launches (CUDA: kernel and graph
-    launches; CPU: leaf aten ops that compute, each of which would launch a kernel on a GPU)."""
+    launches; CPU: aten ops that compute and call no other computing op, each about one kernel on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad(), profile(activities=acts) as prof:
@@ -357,7 +358,7 @@ def step_profile(model, tok, cache, device) -> dict:
         launches = sum(1 for e in ev if e.name in LAUNCHES)
     else:
         launches = sum(1 for e in ev if e.name.startswith("aten::") and e.name not in NO_KERNEL
-                       and not any(c.name.startswith("aten::") for c in e.cpu_children))
+                       and all(c.name in NO_KERNEL or not c.name.startswith("aten::") for c in e.cpu_children))
     return dict(syncs_step=sum(1 for e in ev if e.name in SYNC_OPS), launches_step=launches)
 
 
