@@ -124,3 +124,15 @@ def test_routed_start_with_sink_kept_kv_and_rate_hold(tmp_path):
                                  extra_variants={"rk": "routed, sink 1, kept K/V, held"}, out=str(tmp_path / "c")))
     assert [r["series"] for r in rows] == ["extra:rk", "pruned_trained"]
     assert "routed, sink 1, kept K/V, held" in (tmp_path / "c.md").read_text()
+
+
+def test_table_without_a_dense_row_says_so_instead_of_nan():
+    """A run of MoD variants alone (the dense row in another run) prints '-' for KV / dense, never nan."""
+    from mod_train.experiments.ablate import render
+    row = {"ppl": 90.0, "rate": 0.5, "kv_bytes": 100, "kv_ideal": 0.57, "mod": {}, "layers": 4,
+           "ppl_unseen": 200.0, "rate_unseen": 0.5, "kv_bytes_unseen": 90}
+    res = {"config": {"eval_length": 1024, "steps": 30, "micro_batch_size": 1, "seq_len": 512, "prefill_tokens": 1024},
+           "docs": [{"tokens": 10, "source": "a"}], "docs_unseen": [{"tokens": 10, "source": "b"}],
+           "variants": {"h7d": row}}
+    line = render(res).splitlines()[-1]
+    assert "nan" not in line and line.startswith("| h7d | 90.000 | 0.500 | - | 200.000 | 0.500 | - | 0.570 |")

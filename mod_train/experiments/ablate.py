@@ -349,15 +349,16 @@ def render(res: dict) -> str:
         + " KV ideal | train LM loss first -> last |"
     lines += [head, "|---|" + "---:|" * (head.count("|") - 3) + "---|"]
     for v, r in res["variants"].items():
-        kv_rel = r["kv_bytes"] / base["kv_bytes"] if base.get("kv_bytes") else float("nan")
+        kv_rel = f"{r['kv_bytes'] / base['kv_bytes']:.3f}" if base.get("kv_bytes") else "-"  # no dense row here
         tl = (f"{r['first_lm_loss']:.3f} -> {r['final_lm_loss']:.3f}" if r.get("final_lm_loss") is not None else "")
         extra = f" (capacity {r['mod']['capacity']:.3f})" if v == "topk" else ""
         extra += f" ({len(r['layers_deleted'])} layers deleted)" if r.get("layers_deleted") else ""
         ideal = r["kv_ideal"] if "mod" in r or v.startswith("topk") else \
             r["layers"] / (r["layers"] + len(r.get("layers_deleted", [])))
-        row = f"| {LABELS.get(v, v)}{extra} | {r['ppl']:.3f} | {r['rate']:.3f} | {kv_rel:.3f} |"
+        row = f"| {LABELS.get(v, v)}{extra} | {r['ppl']:.3f} | {r['rate']:.3f} | {kv_rel} |"
         if unseen:
-            ukv = r.get("kv_bytes_unseen", float("nan")) / base.get("kv_bytes_unseen", float("nan"))
-            row += f" {r.get('ppl_unseen', float('nan')):.3f} | {r.get('rate_unseen', float('nan')):.3f} | {ukv:.3f} |"
+            ukv = f"{r['kv_bytes_unseen'] / base['kv_bytes_unseen']:.3f}" \
+                if base.get("kv_bytes_unseen") and "kv_bytes_unseen" in r else "-"
+            row += f" {r.get('ppl_unseen', float('nan')):.3f} | {r.get('rate_unseen', float('nan')):.3f} | {ukv} |"
         lines.append(row + f" {ideal:.3f} | {tl} |")
     return "\n".join(lines) + "\n"
