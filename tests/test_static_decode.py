@@ -110,7 +110,7 @@ def test_buffers_keep_their_addresses_from_step_to_step():
             mask = torch.cat([mask, torch.ones_like(tok)], 1)
             out = m(input_ids=tok, attention_mask=mask, cache=cache)
             dec = cache.static
-            seen.add((dec._key, tuple(t.data_ptr() for t in dec.st.values()),
+            seen.add((dec._key[-1], tuple(t.data_ptr() for t in dec.st.values()),
                       tuple(L.length.data_ptr() for L in cache.layers if L.k is not None)))
     assert len(seen) == 1, "a static buffer moved between steps: a captured graph would read stale memory"
 
@@ -185,3 +185,26 @@ def test_cuda_graph_decode_equals_the_static_step(name):  # pragma: no cover - r
     assert cg.static.graphs and cg.static._g, "no graph was captured"
     torch.testing.assert_close(lg, ls, atol=1e-4, rtol=1e-4)
     assert torch.equal(tg, ts)
+
+
+def test_new_settings_between_static_steps_are_taken():
+    """Thresholds changed mid-generation (set_mod_config) reach the static step (a captured graph bakes them in,
+    so the state is made again), as they reach the eager one."""
+    m = _model(SEMANTICS["drop"])
+    ids, mask = _batch(2, 8, True)
+    res = {}
+    for decode in ("eager", "static"):
+        m.set_mod_config(dataclasses.replace(SEMANTICS["drop"], decode=decode))
+        cache, msk, out, got = MoDCache(m.config.num_hidden_layers, max_length=20), mask, None, []
+        with torch.no_grad():
+            out = m(input_ids=ids, attention_mask=msk, cache=cache)
+            for t in range(6):
+                if t == 3:
+                    m.set_mod_config(dataclasses.replace(m.mod_config, layer_thresholds={1: 0.9, 2: 0.05}))
+                tok = out.logits[:, -1:].argmax(-1)
+                msk = torch.cat([msk, torch.ones_like(tok)], 1)
+                out = m(input_ids=tok, attention_mask=msk, cache=cache)
+                got.append(out.logits[:, -1])
+        res[decode] = (torch.stack(got, 1), cache.layer_lengths())
+    torch.testing.assert_close(res["static"][0], res["eager"][0], atol=1e-5, rtol=1e-5)
+    assert res["static"][1] == res["eager"][1]

@@ -91,7 +91,8 @@ class StaticDecoder:
             grow = max(cache.max_length - cache.seen, 1) if cache.max_length else max(CHUNK, cap // 8)
             L._grow(B, Hkv, attn.head_dim, max(L.bound + 1, cap + grow) if cap else L.bound + grow,
                     L.k if L.k is not None else torch.empty(0, dtype=dt, device=dev))
-        key = (m._routing_off, B, tuple(cache.layers[i].k.data_ptr() for i in self.writers))
+        # the settings are baked into captured kernels (thresholds, rates): a new MoDConfig is a new state
+        key = (m._routing_off, B, cfg, tuple(cache.layers[i].k.data_ptr() for i in self.writers))
         if key == self._key and self.st["ids"].shape[0] == B:
             return
         self._key, self._g, self._warm = key, {}, set()
