@@ -44,7 +44,7 @@ class StaticDecoder:
     def __init__(self, model, cache, graphs: bool):
         self.model, self.cache, self.wanted = model, cache, bool(graphs)
         self.graphs = bool(graphs) and torch.cuda.is_available() and model.lm_head.weight.is_cuda
-        self._key = None  # (routing off, batch, buffer addresses): the state below is valid for it
+        self._key = None  # (routing off, batch, MoD settings, buffer addresses): what the state below is for
         self._g: dict = {}
         self._warm: set = set()
         self._pool = None
