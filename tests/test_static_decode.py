@@ -67,6 +67,11 @@ def test_static_step_equals_the_eager_step(name, B, pad):
     # the same K/V were kept: per layer and row, the same stored tokens and the same bytes counted
     assert cs.layer_lengths() == ce.layer_lengths()
     assert cs.total_bytes() == ce.total_bytes()
+    # and the last step equals a full forward over the whole sequence (no cache)
+    seq = torch.cat([ids, ts], 1)
+    with torch.no_grad():
+        full = m(input_ids=seq, attention_mask=torch.cat([mask, torch.ones_like(ts)], 1)).logits[:, -1]
+    torch.testing.assert_close(ls[:, -1], full, atol=1e-4, rtol=1e-4)
 
 
 def test_static_decode_of_a_sliding_window_model_and_without_a_hint():
