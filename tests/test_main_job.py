@@ -20,7 +20,8 @@ def test_main_job_end_to_end_reduced(tmp_path):
     args = ["--config", str(ROOT / "launch/main_cpu.yaml"), "--model", str(model), "--recipe", str(recipe),
             "--out", str(tmp_path / "run"), "--train.max_steps", "2", "--train.seq_len", "64",
             "--train.wandb", "disabled", "--train.progress", "false",
-            "--mod.dense_first", "0", "--mod.dense_last", "0",  # the tiny model has 4 layers
+            "--mod.dense_first", "0", "--mod.dense_last", "0",  # the tiny model has 4 layers ...
+            "--init_deleted", "1",  # ... of which 1 deleted whole carries the hybrid start (4 x 0.27 of a layer)
             "--eval.lengths", "[32,64]", "--eval.max_docs", "2", "--eval.max_tokens", "128",
             "--eval.targets", "[1.0,0.5]", "--eval.calib_docs", "2", "--eval.calib_tokens", "64",
             "--eval.progress", "false",
@@ -51,6 +52,9 @@ def test_main_job_end_to_end_reduced(tmp_path):
     init = json.loads((run / "init_model" / "config.json").read_text())["mod"]
     assert m["layer_rates"] == init["layer_rates"] and len(m["layer_rates"]) == 4
     assert abs(sum(m["layer_rates"].values()) / 4 - 0.7308) < 0.05
+    # the hybrid start: one layer deleted whole (off, rate 0), the rest of the budget spread over the others
+    off = [j for j, p in m["layer_thresholds"].items() if p >= 1.0]
+    assert len(off) == 1 and m["layer_rates"][off[0]] == 0.0
     assert (run / "eval" / "rate_per_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "eval" / "adaptivity_in_domain.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "rate_schedule.png").read_bytes()[:4] == b"\x89PNG" and "](rate_schedule.png)" in text
