@@ -96,7 +96,7 @@ def probe_start(model_path: str, mod_cfg, recipe_path: str, seq_len: int, out, r
         bi = block_influence(model.eval(), batches)
         model = modify(model, mod_cfg)
         rates = allocate_budget(bi, model.routed_layers, rate)
-    elif not delete:
+    else:
         model = modify(model, mod_cfg)
     r2 = fit_routers_to_importance(model, batches, rate=rates, pooled=pooled)
     model.set_mod_config(dataclasses.replace(model.mod_config, rate_hold=hold))
