@@ -179,6 +179,61 @@ def test_an_eager_call_between_static_steps_rebuilds_the_static_state():
     torch.testing.assert_close(torch.stack(got, 1), want, atol=1e-5, rtol=1e-5)
 
 
+def test_graph_runner_warms_up_captures_once_and_replays(monkeypatch):
+    """The capture logic on CPU: a piece's first call runs directly (the warm-up), its second is captured and every
+    later one replays the capture (a recording that runs nothing when made, as a CUDA graph); new settings drop the
+    captures. The tokens equal the static step's."""
+    from mod_train.mod import graphs as G
+    calls = {"warmup": 0, "capture": 0, "replay": 0}
+
+    def warmup(fns):
+        calls["warmup"] += 1
+        for f in fns:
+            f()
+
+    def capture(fns, pool):  # what torch.cuda.graph records: nothing runs now, the replay runs it
+        calls["capture"] += 1
+
+        def replay():
+            calls["replay"] += 1
+            for f in fns:
+                f()
+        return replay
+    monkeypatch.setattr(G.StaticDecoder, "warmup", staticmethod(warmup))
+    monkeypatch.setattr(G.StaticDecoder, "capture", staticmethod(capture))
+    monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: object())
+    m = _model(SEMANTICS["keep+sink"])
+    ids, mask = _batch(2, 8, True)
+    want, wt, _ = _decode(m, ids, mask, 6, "static", max_length=14)
+    m.set_mod_config(dataclasses.replace(m.mod_config, decode="cuda_graphs"))
+    cache = MoDCache(m.config.num_hidden_layers, max_length=20)  # room for one more step below
+    got, toks = [], []
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, cache=cache)
+        for t in range(6):
+            tok = out.logits[:, -1:].argmax(-1)
+            toks.append(tok)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            if t == 0:
+                cache.static = G.StaticDecoder(m, cache, True)
+                cache.static.graphs = True  # as on a CUDA model
+            out = m(input_ids=tok, attention_mask=mask, cache=cache)
+            got.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(got, 1), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat(toks, 1), wt)
+    dec = cache.static
+    pieces = len([p for p in dec.plan if p[0] == "piece"])  # 4: before, between and after the 3 routed layers
+    assert pieces == 4 and calls["capture"] == len(dec._g) >= pieces
+    assert calls["warmup"] >= calls["capture"]  # every captured piece was warmed up first
+    assert calls["replay"] >= 4 * pieces  # steps 2..6 replay every piece
+    # new settings: the captures are dropped and made again
+    key_before = dec._key
+    m.set_mod_config(dataclasses.replace(m.mod_config, layer_thresholds={1: 0.4}))
+    with torch.no_grad():
+        m(input_ids=tok, attention_mask=torch.cat([mask, torch.ones_like(tok)], 1), cache=cache)
+    assert dec._g == {} and len(dec._warm) >= pieces and dec._key[-1] == key_before[-1]  # same buffers
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("name", ["drop", "keep+sink", "hold"])
 def test_cuda_graph_decode_equals_the_static_step(name):  # pragma: no cover - runs where CUDA exists

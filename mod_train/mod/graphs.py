@@ -198,29 +198,40 @@ class StaticDecoder:
 
     # -- running ----------------------------------------------------------------------------------------
     def _run(self, key, fns):
+        """Run one piece: directly, or (graphs) warm it up, then capture it, then replay it."""
         if not self.graphs:
             for f in fns:
                 f()
             return
-        g = self._g.get(key)
-        if g is None:
-            if key not in self._warm:  # the first call is the warm-up, a real step on a side stream
+        replay = self._g.get(key)
+        if replay is None:
+            if key not in self._warm:  # the first call is the warm-up, a real step
                 self._warm.add(key)
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for f in fns:
-                        f()
-                torch.cuda.current_stream().wait_stream(s)
+                self.warmup(fns)
                 return
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool):  # recorded, not run: the replay below runs it
-                for f in fns:
-                    f()
-            self._g[key] = g
-        g.replay()
+            replay = self._g[key] = self.capture(fns, self._pool)
+        replay()
+
+    @staticmethod
+    def warmup(fns):
+        """Run the piece on a side stream (lazy initialisations happen outside any capture)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for f in fns:
+                f()
+        torch.cuda.current_stream().wait_stream(s)
+
+    @staticmethod
+    def capture(fns, pool):
+        """Record the piece as a CUDA graph (recorded, not run) in the shared pool; returns its replay."""
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            for f in fns:
+                f()
+        return g.replay
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask=None, position_ids=None):
