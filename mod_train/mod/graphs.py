@@ -274,7 +274,8 @@ class StaticDecoder:
 
 
 def static_decode_applies(model, cache, input_ids, inputs_embeds, labels, doc_ids) -> bool:
-    """The forward is one decode step the static path can take (else the eager path runs)."""
+    """The forward is one decode step the static path can take (else the eager path runs; the model also keeps
+    distributed runs eager, where ZeRO-3 / TP hooks gather weights around every sub-module call)."""
     cfg = model.mod_config
     return (cfg.decode != "eager" and cache is not None and cache.seen > 0 and input_ids is not None
             and input_ids.shape[1] == 1 and inputs_embeds is None and labels is None and doc_ids is None

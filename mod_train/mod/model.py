@@ -214,7 +214,7 @@ class MoDMixin:
                             "it or pass mod_train.MoDCache(model.config.num_hidden_layers)")
         if use_cache and cache is None:
             cache = MoDCache(self.config.num_hidden_layers)
-        if static_decode_applies(self, cache, input_ids, inputs_embeds, labels, doc_ids):
+        if static_decode_applies(self, cache, input_ids, inputs_embeds, labels, doc_ids) and not _distributed():
             logits, routing = static_decoder(self, cache).step(input_ids, attention_mask, position_ids)
             return MoDCausalLMOutput(logits=logits, cache=cache, aux_loss=torch.zeros((), device=logits.device),
                                      routing=routing)
