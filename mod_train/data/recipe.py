@@ -112,6 +112,9 @@ class Recipe:
     """Token appended when append_eos (None: the tokenizer's eos_token)."""
     seed: int = 1234
     """Seed of every random choice (shuffles, keep-probabilities, held-out split)."""
+    order_seed: Optional[int] = None
+    """Seed of the training order alone (file and record shuffles, keep-probabilities); None: `seed`. Another
+    value reshuffles the data a run sees without moving the held-out split (a data-order seed for ablations)."""
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     """Held-out split by whole documents."""
     max_bad_fraction: float = 0.01
@@ -124,6 +127,11 @@ class Recipe:
     document whole before the next (no interleaving: a long document fills consecutive rows)."""
     path: Optional[str] = None
     """The YAML file this recipe came from (set by load_recipe)."""
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed of the data order: order_seed, else seed."""
+        return self.seed if self.order_seed is None else self.order_seed
 
     def normalised_weights(self) -> list[float]:
         total = sum(s.weight for s in self.sources)

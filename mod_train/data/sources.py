@@ -126,7 +126,7 @@ class RawSource:
 
     # -- order ---------------------------------------------------------------------------------
     def _rng(self, *parts) -> random.Random:
-        return random.Random(stable_hash(self.recipe.seed, self.salt, self.src.name, *parts))
+        return random.Random(stable_hash(self.recipe.shuffle_seed, self.salt, self.src.name, *parts))
 
     def file_order(self, epoch: int, shuffle: bool = True) -> list[str]:
         files = list(self.files)

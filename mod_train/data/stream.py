@@ -247,7 +247,7 @@ class _Reader:
             if n < src.min_doc_tokens:
                 continue
             if n < src.short_doc_tokens and src.short_keep_prob < 1.0:
-                if unit_hash(s.recipe.seed, s._salt, "keep", src.name, epoch, p) >= src.short_keep_prob:
+                if unit_hash(s.recipe.shuffle_seed, s._salt, "keep", src.name, epoch, p) >= src.short_keep_prob:
                     continue
             yield epoch, p, title, np.asarray(ids, dtype=np.int64)
 
@@ -340,6 +340,8 @@ class PackedStream:
         dp = (self.dp_rank, self.dp_world_size) if dp_world_size is None else (dp_rank, dp_world_size)
         key = [r.seed, r.append_eos, r.eos_token, r.tokenizer, self.split, self.stage, self.seq_len,
                *dp, r.heldout.fraction, sorted(r.heldout.titles), r.open_docs]
+        if r.order_seed is not None:  # appended only when set: fingerprints of existing runs stay as they were
+            key.append(["order_seed", r.order_seed])
         for s in r.sources:
             key.append([s.name, s.type, s.path, s.hub_id, s.text_field, round(s.weight, 9), s.min_doc_tokens,
                         s.max_doc_tokens, s.short_doc_tokens, s.short_keep_prob, s.repeat, s.shuffle_block])

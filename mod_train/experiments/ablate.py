@@ -77,6 +77,9 @@ class AblationConfig:
     a LoRA variant's adapters are merged before it is evaluated or saved)."""
     seed: int = 1234
     """Seed of every run (initialisation, synthetic data); a recipe's data order is the recipe's own `seed`."""
+    data_seed: int | None = None
+    """The recipe's order_seed for every trained variant and start point: another training order, the same
+    held-out split (None: the recipe's own order)."""
     target_rate: float = 0.5
     """Rate targeted by the rate-steering loss (threshold, threshold_block)."""
     target_weight: float = 1.0
@@ -192,12 +195,12 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
     if mod_cfg is not None and init != "dense":
         from mod_train.experiments.probe import probe_start, start_mod_config
         model_path, _ = probe_start(model_path, mod_cfg, cfg.recipe, cfg.seq_len, run / "init_model",
-                                    over.get("init_rate", cfg.init_rate),
+                                    over.get("init_rate", cfg.init_rate), overrides=_data(cfg),
                                     allocate=init == "allocated", pooled=init == "routed",
                                     delete=over.get("init_deleted", 0))
         mod_cfg = start_mod_config(mod_cfg, model_path)
     tr = Trainer(RunSpec(model=model_path, out=str(run), ds=cfg.ds, recipe=cfg.recipe, dense=mod_cfg is None,
-                         teacher=teacher if tc.uses_teacher else None), tc, mod_cfg)
+                         teacher=teacher if tc.uses_teacher else None, data=_data(cfg)), tc, mod_cfg)
     status = tr.run()
     secs = time.time() - t0
     model = tr.engine.module
@@ -220,6 +223,11 @@ def train_variant(name: str, mod_cfg, cfg: AblationConfig, model_path: str, over
     return model, info
 
 
+def _data(cfg: AblationConfig) -> dict:
+    """Recipe overrides of the trained variants (the data-order seed)."""
+    return {} if cfg.data_seed is None else {"order_seed": cfg.data_seed}
+
+
 def _pruned_dir(cfg: AblationConfig, res: dict) -> tuple[str, list[int]]:
     """The dense model with the matched number of lowest-influence layers deleted, saved under <out>/pruned_model."""
     from transformers import AutoModelForCausalLM
@@ -238,7 +246,7 @@ def _pruned_dir(cfg: AblationConfig, res: dict) -> tuple[str, list[int]]:
                             cfg.prune_match in ALL_VARIANTS else "threshold", cfg, capacity=0.5)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
     n_layers = model.config.num_hidden_layers
-    bi = block_influence(model, first_rows(cfg.recipe, cfg.seq_len))
+    bi = block_influence(model, first_rows(cfg.recipe, cfg.seq_len, overrides=_data(cfg)))
     drop = lowest_influence(bi, n, keep_first=mc.dense_first, keep_last=mc.dense_last)
     out = Path(cfg.out) / "pruned_model"
     prune_layers(model, drop).save_pretrained(out)
