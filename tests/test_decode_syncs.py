@@ -8,11 +8,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mod_train import MoDCache, MoDConfig, modify, random_routers
+from mod_train.eval.bench import SYNC_OPS  # the ops the serving benchmark counts as syncs, defined once
 from mod_train.mod.layer import dense_layer
 
 from conftest import tiny_model
-
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 
 def count_syncs(fn) -> int:

@@ -314,7 +314,7 @@ def serve_one(model, ids, n_decode: int, budget: int, max_batch: int, device, is
     batch 1, then at the largest batch whose KV caches fit `budget` bytes beside one prefill's working set (up to
     `max_batch`). The batch shares the prefilled context (the cache repeated per row) and starts from each row's own
     next token (the prefill's top-B candidates), so the routed layers' decisions differ between rows as in serving."""
-    from mod_train import kv_cache_bytes
+    from mod_train import MoDCache, kv_cache_bytes
     out, prefill, peak = _prefill(model, ids, device, is_mod, n_decode)
     cache = out.cache
     kv = kv_cache_bytes(cache)["total"]
@@ -325,7 +325,7 @@ def serve_one(model, ids, n_decode: int, budget: int, max_batch: int, device, is
     batch = max(1, min(fit, max_batch))
     cand = out.logits[0, -1].topk(batch).indices[:, None]
     c1 = copy.deepcopy(cache)
-    if c1.__class__.__name__ == "MoDCache":
+    if isinstance(c1, MoDCache):
         c1.max_length += 1  # room for the profiled step
     s1, t1 = _decode_loop(model, cand[:1], c1, n_decode, device)
     prof = step_profile(model, t1, c1, device)

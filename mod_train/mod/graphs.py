@@ -45,6 +45,7 @@ class StaticDecoder:
         self.model, self.cache, self.wanted = model, cache, bool(graphs)
         self.graphs = bool(graphs) and torch.cuda.is_available() and model.lm_head.weight.is_cuda
         self._key = None  # (routing off, batch, MoD settings, buffer addresses): what the state below is for
+        self._plan_key = None  # (routing off, MoD settings): what self.plan is for
         self._g: dict = {}
         self._warm: set = set()
         self._pool = None
@@ -76,7 +77,8 @@ class StaticDecoder:
     def _prepare(self, B: int):
         """Make every buffer the step touches exist at a fixed address, with room for the next token."""
         m, cache, cfg = self.model, self.cache, self.model.mod_config
-        self.plan = self._plan()
+        if self._plan_key != (m._routing_off, cfg):  # the plan follows the settings, not the step
+            self.plan, self._plan_key = self._plan(), (m._routing_off, cfg)
         p = m.lm_head.weight
         dev, dt = p.device, p.dtype
         attn = m.model.layers[0].self_attn
@@ -251,7 +253,7 @@ class StaticDecoder:
             st["ok"].copy_(attention_mask[:, -1].bool())
         else:
             st["ok"].fill_(True)
-        wrote = set(i for i in self.writers if i not in self.routed)
+        wrote = set(self.writers) - set(self.routed)
         for item in self.plan:
             if item[0] == "piece":
                 self._run(item[1], item[2])
