@@ -51,3 +51,18 @@ def test_serve_with_static_decode_times_the_dense_baseline_through_the_same_path
     for rows in (eager, static):
         assert rows[0]["syncs_step"] == 0 and 0 < rows[1]["syncs_step"] <= n_routed
         assert rows[0]["launches_step"] > 0 and rows[1]["launches_step"] > 0
+
+
+def test_mod_settings_build_the_benchmarked_model(smollm2_dir, tmp_path):
+    """--mod_settings: the main job's kind of model (kept K/V, a sink) is what gets measured; its routed layers
+    store every token's K/V, so its KV equals the dense model's. A bad key fails before any model loads."""
+    from mod_train import MoDConfigError
+    cfg = BenchConfig(dense=str(smollm2_dir), lengths=[64], rates=[0.5], decode_tokens=1, serve=True,
+                      serve_memory_gb=0.05, serve_max_batch=1, out=str(tmp_path),
+                      mod_settings={"skipped_kv": "keep", "sink_tokens": 1})
+    d, m = run_bench(cfg, progress=False)["serve"]
+    assert m["kv_bytes_per_seq"] == pytest.approx(d["kv_bytes_per_seq"], rel=1e-6) and 0.3 < m["realised_rate"] < 0.7
+    with pytest.raises(MoDConfigError, match="did you mean 'sink_tokens'"):
+        run_bench(BenchConfig(dense="/nonexistent", mod_settings={"sink_token": 1}, out=str(tmp_path)))
+    with pytest.raises(ValueError, match="mod_settings.decode: set how decode runs with --decode"):
+        run_bench(BenchConfig(dense="/nonexistent", mod_settings={"decode": "static"}, out=str(tmp_path)))

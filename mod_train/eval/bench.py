@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -53,6 +53,9 @@ class BenchConfig:
     """Memory for KV caches and one prefill's working set; None: free CUDA memory after loading, 4 GiB on CPU."""
     serve_max_batch: int = 64
     """Largest batch actually timed (the count of sequences that fit is reported beyond it)."""
+    mod_settings: dict[str, Any] = field(default_factory=dict)
+    """MoDConfig fields of the MoD model, e.g. {"skipped_kv": "keep", "sink_tokens": 1} (the main job's kind of
+    model): the random-router model is built with them; a saved `mod` model takes them over its own settings."""
     decode: Literal["eager", "static", "cuda_graphs"] = "eager"
     """How decode steps run (MoDConfig.decode). Not 'eager': the dense baseline is the MoD model with routing off,
     decoded by the same static pieces (and CUDA graphs), so both pay the same per-step overhead."""
@@ -170,7 +173,7 @@ def _memory_child(dense_path, mod_path, dtype, mod_state, ids, n_decode, queue):
     elif mod_path:
         model = mod_train.from_pretrained_mod(mod_path, dtype=dt)
     else:
-        model = mod_train.modify(AutoModelForCausalLM.from_pretrained(dense_path, dtype=dt), mod_train.MoDConfig())
+        model = mod_train.modify(AutoModelForCausalLM.from_pretrained(dense_path, dtype=dt), mod_state[0])
     if mod_state is not None:
         model.load_state_dict(mod_state[1], strict=False)
         model.set_mod_config(mod_state[0])
@@ -212,6 +215,10 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
     import mod_train
     from mod_train.offline import smollm2_path
 
+    if "decode" in cfg.mod_settings:
+        raise ValueError("mod_settings.decode: set how decode runs with --decode (it applies to the dense row too)")
+    settings = mod_train.MoDConfig.from_dict(cfg.mod_settings)  # a bad key or value fails before any model loads
+    settings.validate()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     dtype = getattr(torch, cfg.dtype)
@@ -220,9 +227,9 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
     dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=dtype).to(device).eval()
     if cfg.mod:
         mod = mod_train.from_pretrained_mod(cfg.mod, dtype=dtype).to(device).eval()
+        mod.set_mod_config(replace(mod.mod_config, **cfg.mod_settings))
     else:
-        mod = mod_train.random_routers(mod_train.modify(copy.deepcopy(dense), mod_train.MoDConfig()).eval(),
-                                       seed=cfg.seed)
+        mod = mod_train.random_routers(mod_train.modify(copy.deepcopy(dense), settings).eval(), seed=cfg.seed)
     mod.set_mod_config(replace(mod.mod_config, decode=cfg.decode))
     if cfg.decode != "eager":
         dense = RoutingOff(mod)

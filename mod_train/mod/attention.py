@@ -8,6 +8,11 @@ routed layer's selected tokens attend exactly to earlier selected tokens of the 
 Kernels: SDPA with `is_causal=True` when the keys are exactly the queries of one unpadded document
 (the common long-context case, no mask materialised), SDPA with a boolean mask otherwise, and
 flash-attn's varlen kernel on CUDA when it is installed (see `varlen_segments`).
+
+A boolean mask of more than MASK_ELEMS elements (batch x queries x keys; a 'keep' layer's prefill at 32k, a
+padded batch, packed documents) is never built whole: the queries are taken in blocks, and each block attends
+only to the keys up to its last query (`_blocked`). Memory stays bounded and the masked kernel, which skips no
+masked block by itself, does about half the work of one whole-mask call, as a causal kernel would.
 """
 from __future__ import annotations
 
@@ -76,10 +81,55 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: Slots, ks: Slo
             mask = ks.valid[:, None, None, :]
             mask = mask | ~mask.any(-1, keepdim=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    elif q.shape[0] * q.shape[2] * k.shape[2] > MASK_ELEMS:
+        return _blocked(q, k, v, qs, ks, scaling, self_attention, window, gqa)
     else:
         mask = build_mask(qs, ks, window)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+MASK_ELEMS = 1 << 24
+"""Largest boolean mask (batch x queries x keys elements) one attention call builds; above it, `_blocked`."""
+MIN_BLOCK = 64
+"""Fewest queries per block (a large batch at long context takes a larger mask rather than thousands of calls)."""
+
+
+def _slice(s: Slots, a: int, b: int) -> Slots:
+    return Slots(s.pos[:, a:b], None if s.doc is None else s.doc[:, a:b], None if s.valid is None else s.valid[:, a:b])
+
+
+def _blocked(q, k, v, qs: Slots, ks: Slots, scaling, self_attention: bool, window, gqa) -> torch.Tensor:
+    """The masked attention in blocks of queries (see the module docstring) -> [B, Lq, H, D].
+
+    Block [a, b) needs the keys up to the last one any of its queries can see. Self-attention: keys are the query
+    slots, ordered by position within each document, so key index < b (known on the host). Otherwise (a 'keep'
+    layer's selected queries over every token, queries over a cache): the keys up to the last valid one whose
+    position is at most the block's largest query position, found on the device and read in one host sync for
+    all blocks.
+    Valid queries get exactly the whole-mask result; a query that sees no key (padding) sees its block's keys."""
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    c = max(MASK_ELEMS // (B * Lk), MIN_BLOCK)
+    starts = list(range(0, Lq, c))
+    stops = [min(a + c, Lq) for a in starts]
+    if self_attention:
+        ends = stops
+    else:
+        pad = len(starts) * c - Lq  # [B, blocks]: each block's largest query position
+        top = F.pad(qs.pos, (0, pad), value=0).view(B, len(starts), c).amax(-1)
+        seen = ks.pos[:, None, :] <= top[:, :, None]
+        if ks.valid is not None:
+            seen &= ks.valid[:, None, :]
+        reach = torch.where(seen, torch.arange(1, Lk + 1, device=k.device), 0).amax(-1).amax(0)
+        ends = [max(int(e), 1) for e in reach.tolist()]
+    out = []
+    for a, b, e in zip(starts, stops, ends):
+        qb, kb = _slice(qs, a, b), _slice(ks, 0, e)
+        mask = build_mask(qb, kb, window)
+        out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :e], v[:, :, :e], attn_mask=mask,
+                                                  scale=scaling, enable_gqa=gqa))
+    return torch.cat(out, 2).transpose(1, 2)
 
 
 def varlen_segments(s: Slots) -> tuple[torch.Tensor, torch.Tensor, int]:
