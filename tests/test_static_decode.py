@@ -157,7 +157,7 @@ def test_dense_baseline_through_the_same_static_path_equals_the_dense_model():
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=1e-4)
 
 
-def test_an_eager_call_between_static_steps_rebuilds_the_static_state():
+def test_an_eager_call_between_static_steps_is_read_by_the_next_static_step():
     m = _model(SEMANTICS["hold"])
     ids, mask = _batch(1, 8, False)
     want, _, _ = _decode(m, ids, mask, 6, "eager")
@@ -172,17 +172,17 @@ def test_an_eager_call_between_static_steps_rebuilds_the_static_state():
             if t == 3:  # one eager step in the middle (as with gradients on)
                 with torch.enable_grad():
                     out = m(input_ids=tok, attention_mask=mask, cache=cache)
-                assert cache.static is None
+                assert cache.static.stale  # the eager step wrote the history: the next static step re-reads it
             else:
                 out = m(input_ids=tok, attention_mask=mask, cache=cache)
             got.append(out.logits[:, -1].detach())
     torch.testing.assert_close(torch.stack(got, 1), want, atol=1e-5, rtol=1e-5)
 
 
-def test_graph_runner_warms_up_captures_once_and_replays(monkeypatch):
-    """The capture logic on CPU: a piece's first call runs directly (the warm-up), its second is captured and every
-    later one replays the capture (a recording that runs nothing when made, as a CUDA graph); new settings drop the
-    captures. The tokens equal the static step's."""
+@pytest.fixture
+def recorded_graphs(monkeypatch):
+    """CUDA graphs on CPU, for their logic: warm-up runs the piece, capture records it (nothing runs when made, as
+    with torch.cuda.graph) and each replay runs the recording. Yields the counts of each."""
     from mod_train.mod import graphs as G
     calls = {"warmup": 0, "capture": 0, "replay": 0}
 
@@ -191,7 +191,7 @@ def test_graph_runner_warms_up_captures_once_and_replays(monkeypatch):
         for f in fns:
             f()
 
-    def capture(fns, pool):  # what torch.cuda.graph records: nothing runs now, the replay runs it
+    def capture(fns, pool):
         calls["capture"] += 1
 
         def replay():
@@ -202,6 +202,14 @@ def test_graph_runner_warms_up_captures_once_and_replays(monkeypatch):
     monkeypatch.setattr(G.StaticDecoder, "warmup", staticmethod(warmup))
     monkeypatch.setattr(G.StaticDecoder, "capture", staticmethod(capture))
     monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(G, "can_capture", lambda model: True)
+    return calls
+
+
+def test_graph_runner_warms_up_captures_once_and_replays(recorded_graphs):
+    """The capture logic on CPU: a piece's first call runs directly (the warm-up), its second is captured and every
+    later one replays the capture; new settings drop the captures. The tokens equal the static step's."""
+    calls = recorded_graphs
     m = _model(SEMANTICS["keep+sink"])
     ids, mask = _batch(2, 8, True)
     want, wt, _ = _decode(m, ids, mask, 6, "static", max_length=14)
@@ -214,9 +222,6 @@ def test_graph_runner_warms_up_captures_once_and_replays(monkeypatch):
             tok = out.logits[:, -1:].argmax(-1)
             toks.append(tok)
             mask = torch.cat([mask, torch.ones_like(tok)], 1)
-            if t == 0:
-                cache.static = G.StaticDecoder(m, cache, True)
-                cache.static.graphs = True  # as on a CUDA model
             out = m(input_ids=tok, attention_mask=mask, cache=cache)
             got.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(got, 1), want, atol=1e-5, rtol=1e-5)
@@ -268,3 +273,69 @@ def test_new_settings_between_static_steps_are_taken():
         res[decode] = (torch.stack(got, 1), cache.layer_lengths())
     torch.testing.assert_close(res["static"][0], res["eager"][0], atol=1e-5, rtol=1e-5)
     assert res["static"][1] == res["eager"][1]
+
+
+def _generate(m, ids, mask, decode, cache=None, n=6):
+    """Greedy generate() -> (tokens, logits of every step)."""
+    m.set_mod_config(dataclasses.replace(m.mod_config, decode=decode))
+    out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, cache=cache,
+                     min_new_tokens=n, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def _same(a, b):
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["keep+sink", "hold"])
+def test_a_reset_cache_replays_its_graphs_for_the_next_request(recorded_graphs, name):
+    """MoDCache.reset() keeps the buffers: the next request of the same batch size that fits them replays the graphs
+    captured for the first one (none captured again) and decodes as a fresh eager cache does; a request of another
+    batch size, or a longer one, re-sizes or grows the buffers and is captured anew, also exactly."""
+    calls = recorded_graphs
+    m = _model(SEMANTICS[name])
+    first, mask1 = _batch(2, 12, True)
+    g = torch.Generator().manual_seed(5)
+    second = torch.randint(1, 128, (2, 10), generator=g)  # shorter: fits the buffers of the first
+    mask2 = torch.ones_like(second)
+    mask2[0, :3] = 0
+    cache = MoDCache(m.config.num_hidden_layers)
+    _generate(m, first, mask1, "cuda_graphs", cache)
+    dec, ptrs = cache.static, [L.k.data_ptr() for L in cache.layers if L.k is not None]
+    before = dict(dec._g)
+    assert before and calls["capture"] == len(before)
+    cache.reset()
+    assert cache.seen == 0 and all(L.bound == 0 and not bool(L.valid.any()) for L in cache.layers if L.k is not None)
+    replays = calls["replay"]
+    got = _generate(m, second, mask2, "cuda_graphs", cache)
+    want = _generate(m, second, mask2, "eager")
+    _same(got, want)
+    # replayed, not captured again (a piece the first request never ran twice is captured now, once)
+    assert cache.static is dec and all(dec._g[k] is f for k, f in before.items()) and calls["replay"] > replays
+    assert calls["capture"] == len(dec._g)
+    assert [L.k.data_ptr() for L in cache.layers if L.k is not None] == ptrs
+    captured = calls["capture"]
+    for ids, msk in ((first[:1], mask1[:1]), (torch.cat([first, first], 1), torch.cat([mask1, mask1], 1))):
+        cache.reset()  # batch 1, then a request longer than the buffers
+        _same(_generate(m, ids, msk, "cuda_graphs", cache), _generate(m, ids, msk, "eager"))
+    assert calls["capture"] > captured
+
+
+def test_spans_grow_by_powers_of_two_and_stay_exact(monkeypatch):
+    """A static step attends each layer's stored slots rounded up to a power of two (not its whole buffer): with
+    spans of 4+ slots, a generation crosses several spans and equals the eager one; a short request on a reset
+    cache holding a long request's buffers attends less than those buffers."""
+    from mod_train.mod import graphs as G
+    monkeypatch.setattr(G, "CHUNK", 4)
+    m = _model(SEMANTICS["drop"])
+    ids, mask = _batch(2, 6, True)
+    want, wt, _ = _decode(m, ids, mask, 14, "eager")
+    got, gt, cache = _decode(m, ids, mask, 14, "static", max_length=40)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gt, wt)
+    dec = cache.static
+    for i in dec.writers:  # the last step's span: a power of two that covered what the layer held then
+        n, bound = dec.spans[i], cache.layers[i].bound
+        assert n & (n - 1) == 0 and bound <= n < 2 * max(bound, 4), (i, n, bound)
+    assert max(dec.spans.values()) < max(L.k.shape[2] for L in cache.layers if L.k is not None)

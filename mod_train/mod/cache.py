@@ -28,7 +28,8 @@ class _LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, s: Slots, counts: torch.Tensor | None):
         """Write n new slots per row (k/v [B, Hkv, n, D]); row b keeps its first counts[b] of them (None: all n)."""
         B, H, n, D = k.shape
-        if self.k is None:
+        if self.k is None or (self.bound == 0 and self.k.shape[0] != B):  # first append, or a reset cache re-sized
+            self.k = None
             self.length = torch.zeros(B, dtype=torch.long, device=k.device)
             self._grow(B, H, D, n, k)
         if self.bound + n > self.k.shape[2]:
@@ -48,6 +49,13 @@ class _LayerKV:
             self.length += counts
         self.bound += n
         self.padded |= s.valid is not None or counts is not None
+
+    def reset(self):
+        """Empty, keeping the buffers where they are (MoDCache.reset)."""
+        if self.k is not None:
+            self.length.zero_()
+            self.valid.fill_(False)
+        self.bound, self.padded = 0, False
 
     def _grow(self, B, H, D, cap, like):
         old, old_v = self.k, self.v
@@ -89,6 +97,18 @@ class MoDCache:
         self.max_length = max_length  # tokens per row the generation will reach (generate() sets it): static decode
         self.static = None  # MoDConfig.decode 'static' / 'cuda_graphs': the StaticDecoder, made at its first step
         self._is_user_defined = False
+
+    def reset(self) -> None:
+        """Empty the cache for the next request, keeping its buffers in place (HF's StaticCache.reset()): with
+        MoDConfig.decode 'cuda_graphs' the graphs captured for it are replayed again, not captured again, when
+        the next request has the same batch size and fits the buffers (a request that does not fit grows or
+        re-sizes them, and its steps are captured anew). Pass it to generate(cache=...) after reset()."""
+        for L in self.layers:
+            L.reset()
+        self.routes = {}
+        self.seen = 0
+        if self.static is not None:
+            self.static.stale = True
 
     def __getstate__(self):  # a copy (copy.deepcopy) makes its own static decoder: it holds the model
         return {**self.__dict__, "static": None}

@@ -6,8 +6,9 @@ keeps its shape and address from one step to the next. The static step is that f
 
 - every layer's K/V live in the MoDCache's own buffers (`_LayerKV`), sized once for the whole generation
   (`MoDCache.max_length`, which `generate()` sets; grown in chunks otherwise), written at each row's device-side
-  length with a scatter, and attention runs over the whole buffer under the validity mask (slots past a row's
-  length are invalid), so no shape depends on how many tokens a row has stored;
+  length with a scatter, and attention runs over a fixed span of the buffer under the validity mask (slots past a
+  row's length are invalid): the layer's stored bound rounded up to a power of two, so no shape depends on how
+  many tokens a row has stored, and a span changes (and is captured anew) log2(length) times per generation;
 - positions, the token's validity, the routing decision, the gate and the rate-hold history (a ring of the last
   rate_window - 1 logits per row) are device tensors, written in place;
 - the host decides once per routed layer whether any row runs it (`flag`, one sync); rows that do not run it
@@ -16,10 +17,14 @@ keeps its shape and address from one step to the next. The static step is that f
 The step is split where the host decides: one piece for each run of consecutive dense layers (with the
 embedding before the first, the head after the last, and the router of the routed layer that follows), one
 for each routed layer's body, and one for a 'keep' layer's K/V when no row runs it. With 'cuda_graphs' each
-piece is captured once per cache (its first call runs eagerly on a side stream as the warm-up, its second is
-captured and every later one replayed) in one memory pool shared by the pieces; the graphs are dropped and
-captured again if a buffer moves (growth, beam reordering). On CPU 'cuda_graphs' decodes as 'static': the same
-pieces, called directly, which is how the logic is tested without a GPU.
+piece is captured once per cache and span (its first call runs eagerly on a side stream as the warm-up, its second
+is captured and every later one replayed) in one memory pool shared by the pieces; the graphs are dropped and
+captured again if a buffer moves (growth, beam reordering, another batch size). A server keeps one cache per batch
+size (its batch-size buckets) and empties it with `MoDCache.reset()` between requests: the buffers stay where they
+are, so the next request replays the graphs already captured (HF's StaticCache.reset() pattern); an eager call on
+the cache (the next prefill) only marks the static state stale, and the next step re-reads the routing history.
+On CPU 'cuda_graphs' decodes as 'static': the same pieces, called directly, which is how the logic is tested
+without a GPU.
 
 The static step equals the eager one (tests/test_static_decode.py): the same routing rule on the same logits,
 the same K/V, attention over the same valid keys. What it changes is where the work is decided, not what is
@@ -38,17 +43,24 @@ from mod_train.mod.layer import _gated, _kv, _qkv, _window, router_input
 CHUNK = 256  # slots added per growth when the cache has no max_length
 
 
+def can_capture(model) -> bool:
+    """CUDA graphs are possible: the model is on a CUDA device."""
+    return torch.cuda.is_available() and model.lm_head.weight.is_cuda
+
+
 class StaticDecoder:
     """The static decode step of one model on one MoDCache (kept on the cache; see the module docstring)."""
 
     def __init__(self, model, cache, graphs: bool):
         self.model, self.cache, self.wanted = model, cache, bool(graphs)
-        self.graphs = bool(graphs) and torch.cuda.is_available() and model.lm_head.weight.is_cuda
+        self.graphs = bool(graphs) and can_capture(model)
         self._key = None  # (routing off, batch, MoD settings, buffer addresses): what the state below is for
         self._plan_key = None  # (routing off, MoD settings): what self.plan is for
         self._g: dict = {}
         self._warm: set = set()
         self._pool = None
+        self.stale = False  # an eager call (a prefill after MoDCache.reset()) ran since the last step
+        self.spans: dict = {}  # slots attended per writing layer (see `_spans`): part of what a capture is for
 
     # -- state ----------------------------------------------------------------------------------------
     def _plan(self):
@@ -96,8 +108,12 @@ class StaticDecoder:
         # the settings are baked into captured kernels (thresholds, rates): a new MoDConfig is a new state
         key = (m._routing_off, B, cfg, tuple(cache.layers[i].k.data_ptr() for i in self.writers))
         if key == self._key and self.st["ids"].shape[0] == B:
+            if self.stale:  # same buffers after an eager call: the captures hold; the history rings are refilled
+                for i, ring in self.hist.items():
+                    self._fill_ring(i, ring)
+                self.stale = False
             return
-        self._key, self._g, self._warm = key, {}, set()
+        self._key, self._g, self._warm, self.stale = key, {}, set(), False
         d = m.config.hidden_size
         hd = attn.head_dim
         st = self.st = {
@@ -115,18 +131,36 @@ class StaticDecoder:
             self.w[i] = torch.zeros(B, 1, dtype=torch.float32, device=dev)
             self.z[i] = torch.zeros(B, 1, dtype=torch.float32, device=dev)
             self.flag[i] = torch.zeros((), dtype=torch.bool, device=dev)
-            if cfg.held_rate(i) is not None:  # the history ring, left-padded with invalid slots
-                W1 = cfg.rate_window - 1
-                old = cache.route_history(i)
+            if cfg.held_rate(i) is not None:  # the history ring
+                W1, old = cfg.rate_window - 1, cache.route_history(i)
                 zt = old.z.dtype if old is not None else dt
-                z = torch.zeros(B, W1, dtype=zt, device=dev)
-                v = torch.zeros(B, W1, dtype=torch.bool, device=dev)
-                if old is not None and W1 > 0:
-                    n = min(old.z.shape[1], W1)
-                    z[:, W1 - n:] = old.z[:, old.z.shape[1] - n:]
-                    v[:, W1 - n:] = old.valid[:, old.valid.shape[1] - n:]
-                self.hist[i] = R.History(z, v)
-                cache.routes[i] = self.hist[i]  # the cache's history is the ring from now on
+                self.hist[i] = R.History(torch.zeros(B, W1, dtype=zt, device=dev),
+                                         torch.zeros(B, W1, dtype=torch.bool, device=dev))
+                self._fill_ring(i, self.hist[i])
+
+    def _fill_ring(self, i, ring):
+        """Write the cache's routing history of layer i into the ring, in place and left-padded with invalid slots;
+        the cache's history is the ring from then on."""
+        old, W1 = self.cache.route_history(i), ring.z.shape[1]
+        if old is ring:
+            return
+        ring.z.zero_()
+        ring.valid.fill_(False)
+        if old is not None and W1 > 0:
+            n = min(old.z.shape[1], W1)
+            ring.z[:, W1 - n:] = old.z[:, old.z.shape[1] - n:]
+            ring.valid[:, W1 - n:] = old.valid[:, old.valid.shape[1] - n:]
+        self.cache.routes[i] = ring
+
+    def _spans(self) -> dict:
+        """Slots each writing layer attends this step: its stored bound plus the new token, rounded up to a power of
+        two (>= CHUNK) and capped by its buffer. A reused cache (MoDCache.reset()) holding a long request's buffers
+        does not make a short one attend all of them; a span changes log2(length) times in a generation."""
+        out = {}
+        for i in self.writers:
+            L = self.cache.layers[i]
+            out[i] = min(L.k.shape[2], max(CHUNK, 1 << L.bound.bit_length()))
+        return out
 
     # -- the pieces (each writes only into buffers allocated above) ----------------------------------------
     def _embed(self):
@@ -148,18 +182,20 @@ class StaticDecoder:
         L.length.add_(write.long())
 
     def _attention(self, i, x, write):
-        """The layer's attention for the step's token: K/V written where `write`, queries over every valid slot."""
+        """The layer's attention for the step's token: K/V written where `write`, queries over every valid slot of
+        the layer's span."""
         layer, st, L = self.model.model.layers[i], self.st, self.cache.layers[i]
         attn = layer.self_attn
         q, k, v = _qkv(attn, x, st["cos"], st["sin"])
         self._write(i, k, v, write)
-        mask = L.valid
+        n = self.spans[i]
+        mask = L.valid[:, :n]
         window = _window(layer, self.model.config)
         if window is not None:
-            mask = mask & ((st["pos"][:, None] - L.pos) < window)
+            mask = mask & ((st["pos"][:, None] - L.pos[:, :n]) < window)
         mask = mask | ~mask.any(-1, keepdim=True)  # a row with nothing to see (a discarded one) sees every slot
-        o = F.scaled_dot_product_attention(q, L.k, L.v, attn_mask=mask[:, None, None, :], scale=attn.scaling,
-                                           enable_gqa=q.shape[1] != L.k.shape[1])
+        o = F.scaled_dot_product_attention(q, L.k[:, :, :n], L.v[:, :, :n], attn_mask=mask[:, None, None, :],
+                                           scale=attn.scaling, enable_gqa=q.shape[1] != L.k.shape[1])
         return attn.o_proj(o.transpose(1, 2).reshape(q.shape[0], 1, -1))
 
     def _dense(self, i):
@@ -241,6 +277,9 @@ class StaticDecoder:
         cache, cfg = self.cache, self.model.mod_config
         B = input_ids.shape[0]
         self._prepare(B)
+        spans = self._spans()
+        if spans != self.spans:  # captures attend fixed spans: a longer one is captured anew
+            self.spans, self._g, self._warm = spans, {}, set()
         st = self.st
         st["ids"].copy_(input_ids)
         if position_ids is not None:

@@ -219,7 +219,7 @@ class MoDMixin:
             return MoDCausalLMOutput(logits=logits, cache=cache, aux_loss=torch.zeros((), device=logits.device),
                                      routing=routing)
         if cache is not None and cache.static is not None:
-            cache.static = None  # an eager call moves what the static step holds: it is made again
+            cache.static.stale = True  # an eager call writes the cache: the static step re-reads it (or is remade)
         h, meta = self.mod_embed(input_ids, attention_mask, position_ids, doc_ids, inputs_embeds, cache)
         h, terms = self.mod_stack(h, meta)
         if cache is not None:
@@ -236,8 +236,8 @@ class MoDMixin:
         max_length = kwargs.get("max_cache_length", args[-1] if args and isinstance(args[-1], int) else None)
         if model_kwargs.get("cache") is not None:
             cache = model_kwargs["cache"]
-            cache._is_user_defined = True
-            cache.max_length = cache.max_length or max_length
+            cache._is_user_defined = True  # a fresh one, or one emptied by MoDCache.reset() for this request
+            cache.max_length = max(cache.max_length or 0, max_length or 0) or None
             return
         if generation_config.use_cache is False:
             return
