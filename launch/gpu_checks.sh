@@ -7,8 +7,10 @@
 #     weights; thresholds are calibrated),
 #  4. the serving benchmark (bench.py --serve) on a Llama-3.2-3B-shaped model at 8k and 32k: decode tokens/s at
 #     batch 1 and at the largest batch that fits, and how many 32k sequences fit, dense vs MoD at 0.5 / 0.125;
-#     eager, then with CUDA graphs (--decode cuda_graphs: the dense row decoded by the same graphs).
-# Stages 1, 4 and 2 run first (issue 16's checks): under 8 minutes with the timeouts below.
+#     eager, then with CUDA graphs (--decode cuda_graphs: the dense row decoded by the same graphs),
+#  5. the same with CUDA graphs at 32k for the main job's kind of model (kept K/V, a sink): its prefill attends in
+#     blocks of queries (mod/attention.py), its KV is the dense model's in the routed layers it keeps.
+# Stages 1, 4, 2 and 5 run in that order (issue 16's checks): about 8 minutes with the timeouts below.
 # Offline GPU boxes: put wheels in .whl/ (transformers 5.24, deepspeed sdist, ...) and the SmolLM2
 # tokenizer files in .gpu_tok/; they are installed to /tmp/site first.
 set -uo pipefail
@@ -32,7 +34,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 
 echo "== 1. CUDA tests"
 timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_generation.py tests/test_static_decode.py \
-  tests/test_decode_syncs.py 2>&1 | tail -5
+  tests/test_decode_syncs.py tests/test_attention_blocks.py 2>&1 | tail -5
 
 echo "== random-weight models"
 $PY - "$TOK" <<'PY'
@@ -79,6 +81,12 @@ print("exported", type(m).__name__, "router weight norm", r.weight.float().norm(
 ids = torch.randint(0, 49152, (1, 512), device="cuda")
 print("generate", m.generate(ids[:, :16], max_new_tokens=8, do_sample=False).shape)
 PY
+
+echo "== 5. serving with kept K/V and a sink (bf16, 3B shape, CUDA graphs, 32k)"
+timeout 100 $PY launch/bench.py --serve true --decode cuda_graphs --dense /tmp/llama3b --lengths [32768] \
+  --rates [0.5,0.125] --dtype bfloat16 --device cuda --decode_tokens 16 --serve_max_batch 32 \
+  --mod_settings '{"skipped_kv": "keep", "sink_tokens": 1}' --out /tmp/serve_3b_keep 2>&1 | grep -v "serve:" | tail -6
+cp /tmp/serve_3b_keep/bench.json "$OUT/serve_3b_keep.json"
 
 if [ "${FULL:-0}" = 1 ]; then
 echo "== 3. efficiency benchmark (bf16)"

@@ -66,3 +66,30 @@ def test_mod_settings_build_the_benchmarked_model(smollm2_dir, tmp_path):
         run_bench(BenchConfig(dense="/nonexistent", mod_settings={"sink_token": 1}, out=str(tmp_path)))
     with pytest.raises(ValueError, match="mod_settings.decode: set how decode runs with --decode"):
         run_bench(BenchConfig(dense="/nonexistent", mod_settings={"decode": "static"}, out=str(tmp_path)))
+
+
+def test_non_eager_decode_is_timed_after_its_warm_up_steps():
+    """The static state and CUDA-graph captures (made at the first two steps, once per server lifetime) are not timed
+    as decode tokens; eager decode is timed from its first step."""
+    import torch
+
+    from mod_train import MoDCache, MoDConfig, modify
+    from mod_train.eval import bench as B
+
+    from conftest import tiny_model
+    for decode, calls in (("eager", 3), ("static", 3 + B.WARM_STEPS)):
+        m = modify(tiny_model(layers=2), MoDConfig(layers=[1], decode=decode)).eval()
+        seen = []
+
+        class Counting:
+            mod_config = m.mod_config
+
+            def __call__(self, **kw):
+                seen.append(kw["input_ids"].shape)
+                return m(**kw)
+        cache = MoDCache(2, max_length=20)
+        with torch.no_grad():
+            m(input_ids=torch.randint(1, 128, (1, 8)), cache=cache)
+        s, tok = B._decode_loop(Counting(), torch.ones(1, 1, dtype=torch.long), cache, 3, torch.device("cpu"))
+        assert len(seen) == calls and s > 0 and tok.shape == (1, 1), (decode, len(seen))
+        assert (cache.static is not None) == (decode != "eager")

@@ -252,6 +252,24 @@ def test_cuda_graph_decode_equals_the_static_step(name):  # pragma: no cover - r
     assert torch.equal(tg, ts)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_are_replayed_for_the_next_request_on_a_reset_cache():  # pragma: no cover - needs CUDA
+    m = _model(SEMANTICS["hold"]).cuda()
+    first, mask1 = (t.cuda() for t in _batch(2, 12, True))
+    second = torch.randint(1, 128, (2, 10), device="cuda")
+    mask2 = torch.ones_like(second)
+    cache = MoDCache(m.config.num_hidden_layers)
+    _generate(m, first, mask1, "cuda_graphs", cache, n=8)
+    graphs = dict(cache.static._g)
+    assert graphs, "no graph was captured"
+    cache.reset()
+    got = _generate(m, second, mask2, "cuda_graphs", cache, n=8)
+    assert all(cache.static._g[k] is g for k, g in graphs.items())
+    want = _generate(m, second, mask2, "static", n=8)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+
+
 def test_new_settings_between_static_steps_are_taken():
     """Thresholds changed mid-generation (set_mod_config) reach the static step (a captured graph bakes them in,
     so the state is made again), as they reach the eager one."""

@@ -141,7 +141,7 @@ def _prefill(model, ids, device, is_mod, n_decode: int = 0):
     """One timed prefill with a fresh cache sized for `n_decode` more tokens (what generate() does; the static
     decode step allocates once): (output, seconds, peak memory growth)."""
     from mod_train import MoDCache
-    cache = MoDCache(model.config.num_hidden_layers, max_length=ids.shape[1] + n_decode) \
+    cache = MoDCache(model.config.num_hidden_layers, max_length=ids.shape[1] + n_decode + WARM_STEPS) \
         if is_mod or isinstance(model, RoutingOff) else None
     with PeakMemory(device) as mem:
         _sync(device)
@@ -304,12 +304,22 @@ def _write(cfg: BenchConfig, results: dict) -> dict:
     return results
 
 
+WARM_STEPS = 2
+"""Untimed decode steps before a non-eager decode is timed: the static state is built at the first and CUDA graphs
+are warmed up there and captured at the second, once per server lifetime (MoDCache.reset() keeps them), not per
+token. Eager decoding is timed from its first step, as before."""
+
+
 def _decode_loop(model, tok, cache, n, device) -> tuple[float, torch.Tensor]:
-    """n greedy decode steps from tokens tok [B, 1] on `cache`; (seconds, last tokens)."""
-    _sync(device)
+    """n greedy decode steps from tokens tok [B, 1] on `cache` (after WARM_STEPS untimed ones when the decode is not
+    eager); (seconds, last tokens)."""
+    warm = WARM_STEPS if getattr(model, "mod_config", None) is not None and model.mod_config.decode != "eager" else 0
     t0 = time.perf_counter()
     with torch.no_grad():
-        for _ in range(n):
+        for i in range(warm + n):
+            if i == warm:
+                _sync(device)
+                t0 = time.perf_counter()
             out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
             tok = out.logits[:, -1:].argmax(-1)
     _sync(device)
