@@ -56,6 +56,9 @@ class BenchConfig:
     mod_settings: dict[str, Any] = field(default_factory=dict)
     """MoDConfig fields of the MoD model, e.g. {"skipped_kv": "keep", "sink_tokens": 1} (the main job's kind of
     model): the random-router model is built with them; a saved `mod` model takes them over its own settings."""
+    mask_elems: int | None = None
+    """Largest attention mask built whole (mod.attention.MASK_ELEMS, 16M); larger ones are taken in blocks of
+    queries. A huge value measures the whole-mask path for comparison."""
     decode: Literal["eager", "static", "cuda_graphs"] = "eager"
     """How decode steps run (MoDConfig.decode). Not 'eager': the dense baseline is the MoD model with routing off,
     decoded by the same static pieces (and CUDA graphs), so both pay the same per-step overhead."""
@@ -163,10 +166,12 @@ def _prefill_decode(model, ids, n_decode, device, is_mod):
     return dict(prefill_s=prefill, decode_s=decode, kv_bytes=kv, peak_bytes=peak, rates=rates)
 
 
-def _memory_child(dense_path, mod_path, dtype, mod_state, ids, n_decode, queue):
+def _memory_child(dense_path, mod_path, dtype, mod_state, ids, n_decode, queue, mask_elems):
     """Fresh process: load the model, one prefill + decode, report the RSS growth."""
     import mod_train
+    from mod_train.mod import attention
     from transformers import AutoModelForCausalLM
+    attention.MASK_ELEMS = mask_elems
     dt = getattr(torch, dtype)
     if mod_state is None:
         model = AutoModelForCausalLM.from_pretrained(dense_path, dtype=dt)
@@ -188,7 +193,9 @@ def _cpu_peak(dense_path, mod_path, dtype, mod, ids, n_decode) -> int:
     state = None
     if mod is not None:
         state = (mod.mod_config, {k: v.detach().clone() for k, v in mod.state_dict().items() if "router" in k})
-    p = ctx.Process(target=_memory_child, args=(dense_path, mod_path, dtype, state, ids.cpu(), n_decode, q))
+    from mod_train.mod import attention
+    p = ctx.Process(target=_memory_child, args=(dense_path, mod_path, dtype, state, ids.cpu(), n_decode, q,
+                                                attention.MASK_ELEMS))
     p.start()
     peak = q.get()
     p.join()
@@ -219,6 +226,11 @@ def run_bench(cfg: BenchConfig, progress=True) -> dict:
         raise ValueError("mod_settings.decode: set how decode runs with --decode (it applies to the dense row too)")
     settings = mod_train.MoDConfig.from_dict(cfg.mod_settings)  # a bad key or value fails before any model loads
     settings.validate()
+    if cfg.mask_elems is not None:
+        if cfg.mask_elems < 1:
+            raise ValueError(f"mask_elems = {cfg.mask_elems}: give a positive number of mask elements (default 16M)")
+        from mod_train.mod import attention
+        attention.MASK_ELEMS = cfg.mask_elems
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     dtype = getattr(torch, cfg.dtype)

@@ -28,8 +28,9 @@ class _LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, s: Slots, counts: torch.Tensor | None):
         """Write n new slots per row (k/v [B, Hkv, n, D]); row b keeps its first counts[b] of them (None: all n)."""
         B, H, n, D = k.shape
-        if self.k is None or (self.bound == 0 and self.k.shape[0] != B):  # first append, or a reset cache re-sized
-            self.k = None
+        if self.k is None or (self.bound == 0 and (self.k.shape[:2] != (B, H) or self.k.shape[3] != D
+                                                   or self.k.dtype != k.dtype or self.k.device != k.device)):
+            self.k = None  # the first append, or a reset cache taking a request of another shape
             self.length = torch.zeros(B, dtype=torch.long, device=k.device)
             self._grow(B, H, D, n, k)
         if self.bound + n > self.k.shape[2]:
