@@ -216,21 +216,30 @@ def _train_step(model, ids, device):
 
 
 def run_bench(cfg: BenchConfig, progress=True) -> dict:
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The benchmark (or with cfg.serve the serving rows); checks the settings before any model loads."""
     import mod_train
-    from mod_train.offline import smollm2_path
+    from mod_train.mod import attention
 
     if "decode" in cfg.mod_settings:
         raise ValueError("mod_settings.decode: set how decode runs with --decode (it applies to the dense row too)")
     settings = mod_train.MoDConfig.from_dict(cfg.mod_settings)  # a bad key or value fails before any model loads
     settings.validate()
-    if cfg.mask_elems is not None:
-        if cfg.mask_elems < 1:
-            raise ValueError(f"mask_elems = {cfg.mask_elems}: give a positive number of mask elements (default 16M)")
-        from mod_train.mod import attention
-        attention.MASK_ELEMS = cfg.mask_elems
+    if cfg.mask_elems is not None and cfg.mask_elems < 1:
+        raise ValueError(f"mask_elems = {cfg.mask_elems}: give a positive number of mask elements (default 16M)")
+    before = attention.MASK_ELEMS
+    attention.MASK_ELEMS = cfg.mask_elems or before
+    try:
+        return _run_bench(cfg, settings, progress)
+    finally:
+        attention.MASK_ELEMS = before
+
+
+def _run_bench(cfg: BenchConfig, settings, progress: bool) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mod_train
+    from mod_train.offline import smollm2_path
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     dtype = getattr(torch, cfg.dtype)
