@@ -78,6 +78,8 @@ def test_self_attention_with_padding_documents_and_window(small_limit):
     s = A.Slots(pos, doc, valid)
     _check(q, k, v, s, s, True, shapes=small_limit)
     _check(q, k, v, s, s, True, window=4, shapes=small_limit)
+    from test_decode_syncs import count_syncs  # self-attention: the blocks' keys are known on the host
+    assert count_syncs(lambda: A.attend(q, k, v, s, s, D ** -0.5, True)) == 0
 
 
 def test_keep_layer_queries_over_every_token(small_limit):
@@ -90,6 +92,8 @@ def test_keep_layer_queries_over_every_token(small_limit):
     ks = A.Slots(torch.arange(L)[None])
     qs = A.Slots(sel[None])
     _check(q, k, v, qs, ks, False, shapes=small_limit)
+    from test_decode_syncs import count_syncs  # every block's keys read in one sync
+    assert count_syncs(lambda: A.attend(q, k, v, qs, ks, D ** -0.5, False)) == 1
 
 
 def test_queries_over_a_ragged_cache(small_limit):
@@ -130,3 +134,13 @@ def test_model_prefill_and_generation_equal_with_blocks(monkeypatch, cfg):
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tail[valid[:, 30:]], ref[:, 30:][valid[:, 30:]], atol=1e-5, rtol=1e-5)
     assert torch.equal(gen, gen_ref)
+
+
+def test_a_single_block_is_never_split_and_makes_no_host_sync(small_limit):
+    """A decode query over a long cache (a sliding-window model takes the mask path): one block, no sync."""
+    from test_decode_syncs import count_syncs
+    q, k, v = _qkv(2, 2, 3, 40)
+    ks = A.Slots(torch.arange(40)[None].repeat(2, 1))
+    qs = A.Slots(torch.tensor([[40, 41, 42]] * 2))
+    assert count_syncs(lambda: A.attend(q, k, v, qs, ks, D ** -0.5, False, window=8)) == 0
+    assert small_limit == [(2, 1, 3, 40)]

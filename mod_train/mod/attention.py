@@ -81,7 +81,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: Slots, ks: Slo
             mask = ks.valid[:, None, None, :]
             mask = mask | ~mask.any(-1, keepdim=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-    elif q.shape[0] * q.shape[2] * k.shape[2] > MASK_ELEMS:
+    elif q.shape[0] * q.shape[2] * k.shape[2] > MASK_ELEMS and q.shape[2] > _block(q.shape[0], k.shape[2]):
         return _blocked(q, k, v, qs, ks, scaling, self_attention, window, gqa)
     else:
         mask = build_mask(qs, ks, window)
@@ -93,6 +93,11 @@ MASK_ELEMS = 1 << 24
 """Largest boolean mask (batch x queries x keys elements) one attention call builds; above it, `_blocked`."""
 MIN_BLOCK = 64
 """Fewest queries per block (a large batch at long context takes a larger mask rather than thousands of calls)."""
+
+
+def _block(B: int, Lk: int) -> int:
+    """Queries per block: MASK_ELEMS mask elements, at least MIN_BLOCK queries."""
+    return max(MASK_ELEMS // (B * Lk), MIN_BLOCK)
 
 
 def _slice(s: Slots, a: int, b: int) -> Slots:
@@ -110,7 +115,7 @@ def _blocked(q, k, v, qs: Slots, ks: Slots, scaling, self_attention: bool, windo
     Valid queries get exactly the whole-mask result; a query that sees no key (padding) sees its block's keys."""
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
-    c = max(MASK_ELEMS // (B * Lk), MIN_BLOCK)
+    c = _block(B, Lk)
     starts = list(range(0, Lq, c))
     stops = [min(a + c, Lq) for a in starts]
     if self_attention:
