@@ -15,9 +15,21 @@ from conftest import tiny_model
 
 
 def count_syncs(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key in SYNC_OPS)
+    """Host syncs of fn(): the profiler's SYNC_OPS, plus Tensor.tolist() calls (one device-to-host copy each on a GPU,
+    which the CPU profiler does not record)."""
+    lists = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        lists.append(1)
+        return tolist(self)
+    torch.Tensor.tolist = counted
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        torch.Tensor.tolist = tolist
+    return sum(e.count for e in prof.key_averages() if e.key in SYNC_OPS) + len(lists)
 
 
 def _prefilled(cfg: MoDConfig, B=1, S=12, layers=6, pad=False):
