@@ -182,9 +182,11 @@ def test_an_eager_call_between_static_steps_is_read_by_the_next_static_step():
 @pytest.fixture
 def recorded_graphs(monkeypatch):
     """CUDA graphs on CPU, for their logic: warm-up runs the piece, capture records it (nothing runs when made, as
-    with torch.cuda.graph) and each replay runs the recording. Yields the counts of each."""
+    with torch.cuda.graph) and each replay runs the recording. A real capture bakes in the span each layer attends:
+    a replay checks that every layer it attends has the span it had when captured. Yields the counts."""
     from mod_train.mod import graphs as G
     calls = {"warmup": 0, "capture": 0, "replay": 0}
+    baked = {"spans": None}
 
     def warmup(fns):
         calls["warmup"] += 1
@@ -193,14 +195,26 @@ def recorded_graphs(monkeypatch):
 
     def capture(fns, pool):
         calls["capture"] += 1
+        spans = dict(getattr(fns[0], "func", fns[0]).__self__.spans)
 
         def replay():
             calls["replay"] += 1
-            for f in fns:
-                f()
+            baked["spans"] = spans
+            try:
+                for f in fns:
+                    f()
+            finally:
+                baked["spans"] = None
         return replay
+    attention = G.StaticDecoder._attention
+
+    def checked(self, i, x, write):
+        assert baked["spans"] is None or baked["spans"][i] == self.spans[i], \
+            f"layer {i}: a capture for span {baked['spans'][i]} replayed at span {self.spans[i]}"
+        return attention(self, i, x, write)
     monkeypatch.setattr(G.StaticDecoder, "warmup", staticmethod(warmup))
     monkeypatch.setattr(G.StaticDecoder, "capture", staticmethod(capture))
+    monkeypatch.setattr(G.StaticDecoder, "_attention", checked)
     monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(G, "can_capture", lambda model: True)
     return calls
@@ -338,6 +352,58 @@ def test_a_reset_cache_replays_its_graphs_for_the_next_request(recorded_graphs, 
         cache.reset()  # batch 1, then a request longer than the buffers
         _same(_generate(m, ids, msk, "cuda_graphs", cache), _generate(m, ids, msk, "eager"))
     assert calls["capture"] > captured
+
+
+def test_captures_are_kept_per_span_and_replayed_by_the_next_request(recorded_graphs, monkeypatch):
+    """Spans of 4+ slots: a generation crosses several, each captured for its own spans (a replay never runs at
+    another span: checked by the fixture); the next request on the reset cache starts at shorter spans and replays
+    the captures the first request made there, so it captures less than the first."""
+    from mod_train.mod import graphs as G
+    monkeypatch.setattr(G, "CHUNK", 4)
+    calls = recorded_graphs
+    m = _model(SEMANTICS["keep+sink"])
+    ids, mask = _batch(2, 6, True)
+    cache = MoDCache(m.config.num_hidden_layers)
+    first = _generate(m, ids, mask, "cuda_graphs", cache, n=20)
+    _same(first, _generate(m, ids, mask, "eager", n=20))
+    n_first = calls["capture"]
+    assert n_first > 4 * 2 and len({k[1] for k in cache.static._g}) > 2  # several spans captured
+    cache.reset()
+    replays = calls["replay"]
+    second = _generate(m, ids[:, 2:], mask[:, 2:], "cuda_graphs", cache, n=20)
+    _same(second, _generate(m, ids[:, 2:], mask[:, 2:], "eager", n=20))
+    assert calls["replay"] - replays > 20 and calls["capture"] - n_first < n_first // 2
+
+
+def test_a_reset_cache_prefills_as_a_fresh_one(monkeypatch):
+    """The prefill of a reset cache is plain causal attention, as on a fresh cache (its buffers exist, but hold
+    nothing); a reset cache taken by another batch size, where a layer stores nothing at the prefill, decodes."""
+    from mod_train.mod import layer as Lmod
+    m = _model(SEMANTICS["drop"])
+    ids, mask = _batch(2, 12, False)
+    flags = []
+    attend = Lmod.attend
+
+    def recording(q, k, v, qs, ks, scaling, self_attention, window=None):
+        flags.append(self_attention)
+        return attend(q, k, v, qs, ks, scaling, self_attention, window)
+    monkeypatch.setattr(Lmod, "attend", recording)
+    cache = MoDCache(m.config.num_hidden_layers)
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=mask, cache=cache)
+        fresh, flags[:] = list(flags), []
+        cache.reset()
+        m(input_ids=ids, attention_mask=mask, cache=cache)
+    assert flags == fresh and flags.count(True) >= 3, (fresh, flags)  # the 3 dense layers at least
+    # another batch size on the reset cache, and a one-token prompt that one routed layer does not run
+    m.set_mod_config(dataclasses.replace(m.mod_config, layer_thresholds={1: 0.9999}))
+    for decode in ("static", "eager"):
+        cache.reset()
+        out = _generate(m, ids[:1, :1], mask[:1, :1], decode, cache, n=8)
+        assert cache.layers[1].k is None or cache.layers[1].k.shape[0] == 1
+        if decode == "static":
+            got = out
+    _same(got, out)
 
 
 def test_spans_grow_by_powers_of_two_and_stay_exact(monkeypatch):

@@ -151,6 +151,8 @@ class MoDCache:
             self.routes[j] = History(r.z.index_select(0, beam_idx.to(r.z.device)),
                                      r.valid.index_select(0, beam_idx.to(r.z.device)))
         for L in self.layers:
+            if L.k is not None and L.bound == 0:  # nothing stored (a reset cache's buffers of another request)
+                L.k = L.v = L.pos = L.valid = L.length = None
             if L.k is not None:
                 for name in ("k", "v", "pos", "valid", "length"):
                     setattr(L, name, getattr(L, name).index_select(0, beam_idx.to(L.k.device)))
@@ -164,7 +166,9 @@ class MoDCache:
         return L.view()
 
     def is_empty(self, layer: int) -> bool:
-        return self.layers[layer].k is None
+        """Nothing stored in the layer (a fresh cache, or one emptied by reset(): its prefill is plain causal)."""
+        L = self.layers[layer]
+        return L.k is None or L.bound == 0
 
     # -- reporting -----------------------------------------------------------------------------------
     def layer_bytes(self, allocated: bool = False) -> list[int]:

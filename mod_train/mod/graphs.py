@@ -8,7 +8,7 @@ keeps its shape and address from one step to the next. The static step is that f
   (`MoDCache.max_length`, which `generate()` sets; grown in chunks otherwise), written at each row's device-side
   length with a scatter, and attention runs over a fixed span of the buffer under the validity mask (slots past a
   row's length are invalid): the layer's stored bound rounded up to a power of two, so no shape depends on how
-  many tokens a row has stored, and a span changes (and is captured anew) log2(length) times per generation;
+  many tokens a row has stored, and a span changes log2(length) times per generation (each span has its captures);
 - positions, the token's validity, the routing decision, the gate and the rate-hold history (a ring of the last
   rate_window - 1 logits per row) are device tensors, written in place;
 - the host decides once per routed layer whether any row runs it (`flag`, one sync); rows that do not run it
@@ -17,9 +17,10 @@ keeps its shape and address from one step to the next. The static step is that f
 The step is split where the host decides: one piece for each run of consecutive dense layers (with the
 embedding before the first, the head after the last, and the router of the routed layer that follows), one
 for each routed layer's body, and one for a 'keep' layer's K/V when no row runs it. With 'cuda_graphs' each
-piece is captured once per cache and span (its first call runs eagerly on a side stream as the warm-up, its second
-is captured and every later one replayed) in one memory pool shared by the pieces; the graphs are dropped and
-captured again if a buffer moves (growth, beam reordering, another batch size). A server keeps one cache per batch
+piece is captured once per cache and per spans of the layers it attends (its first call runs eagerly on a side
+stream as the warm-up, its second is captured and every later one replayed) in one memory pool shared by the pieces
+(each piece writes its results only into buffers allocated outside the pool); the graphs are dropped and captured
+again if a buffer moves (growth, beam reordering, another batch size). A server keeps one cache per batch
 size (its batch-size buckets) and empties it with `MoDCache.reset()` between requests: the buffers stay where they
 are, so the next request replays the graphs already captured (HF's StaticCache.reset() pattern); an eager call on
 the cache (the next prefill) only marks the static state stale, and the next step re-reads the routing history.
@@ -64,26 +65,28 @@ class StaticDecoder:
 
     # -- state ----------------------------------------------------------------------------------------
     def _plan(self):
-        """[('piece', name, [fns])] and [('cond', layer)] in order: the host decides at each 'cond'."""
+        """[('piece', name, [fns], [layers it attends])] and [('cond', layer)] in order: the host decides at each
+        'cond'."""
         m, cfg = self.model, self.model.mod_config
         dense_only = m._routing_off
-        plan, cur, name = [], [self._embed], "embed"
+        plan, cur, name, attends = [], [self._embed], "embed", []
         self.routed, self.writers = [], []
         for i, layer in enumerate(m.model.layers):
             if dense_only or not hasattr(layer, "router"):
                 cur.append(partial(self._dense, i))
                 self.writers.append(i)
+                attends.append(i)
                 continue
             if cfg.routing == "threshold" and cfg.is_off(i):
                 continue  # no token runs it, nothing is stored: not in the step at all
             cur.append(partial(self._decide, i))
-            plan.append(("piece", name, cur))
+            plan.append(("piece", name, cur, attends))
             plan.append(("cond", i))
             self.routed.append(i)
             self.writers.append(i)
-            cur, name = [], f"after{i}"
+            cur, name, attends = [], f"after{i}", []
         cur.append(self._head)
-        plan.append(("piece", name, cur))
+        plan.append(("piece", name, cur, attends))
         return plan
 
     def _prepare(self, B: int):
@@ -97,6 +100,8 @@ class StaticDecoder:
         Hkv = m.config.num_key_value_heads
         for i in self.writers:  # room for the rest of the generation (max_length), else a chunk more
             L = cache.layers[i]
+            if L.k is not None and L.bound == 0 and (L.k.shape[0] != B or L.k.dtype != dt or L.k.device != dev):
+                L.k = None  # a reset cache's empty layer still holds another request's rows: allocated anew
             cap = 0 if L.k is None else L.k.shape[2]
             if L.bound + 1 <= cap:
                 continue
@@ -235,12 +240,15 @@ class StaticDecoder:
         st["logits"].copy_(m.lm_head(m.model.norm(st["h"])))
 
     # -- running ----------------------------------------------------------------------------------------
-    def _run(self, key, fns):
-        """Run one piece: directly, or (graphs) warm it up, then capture it, then replay it."""
+    def _run(self, name, fns, attends):
+        """Run one piece: directly, or (graphs) warm it up, then capture it, then replay it. A capture is for the
+        spans of the layers the piece attends: each span keeps its own, so a reset cache's next request, which starts
+        at shorter spans, replays those captured when an earlier request passed them."""
         if not self.graphs:
             for f in fns:
                 f()
             return
+        key = (name, tuple(self.spans[i] for i in attends))
         replay = self._g.get(key)
         if replay is None:
             if key not in self._warm:  # the first call is the warm-up, a real step
@@ -277,9 +285,7 @@ class StaticDecoder:
         cache, cfg = self.cache, self.model.mod_config
         B = input_ids.shape[0]
         self._prepare(B)
-        spans = self._spans()
-        if spans != self.spans:  # captures attend fixed spans: a longer one is captured anew
-            self.spans, self._g, self._warm = spans, {}, set()
+        self.spans = self._spans()
         st = self.st
         st["ids"].copy_(input_ids)
         if position_ids is not None:
@@ -295,14 +301,14 @@ class StaticDecoder:
         wrote = set(self.writers) - set(self.routed)
         for item in self.plan:
             if item[0] == "piece":
-                self._run(item[1], item[2])
+                self._run(*item[1:])
                 continue
             i = item[1]
             if bool(self.flag[i]):  # the one host decision of a routed layer: does any row run it
-                self._run(("body", i), [partial(self._body, i)])
+                self._run(("body", i), [partial(self._body, i)], (i,))
                 wrote.add(i)
             elif cfg.skipped_kv == "keep":
-                self._run(("kv", i), [partial(self._kv_only, i)])
+                self._run(("kv", i), [partial(self._kv_only, i)], ())
                 wrote.add(i)
         for i in wrote:  # host-side bookkeeping of the eager path: an upper bound, and masks from now on
             L = cache.layers[i]

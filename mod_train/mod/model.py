@@ -237,7 +237,10 @@ class MoDMixin:
         if model_kwargs.get("cache") is not None:
             cache = model_kwargs["cache"]
             cache._is_user_defined = True  # a fresh one, or one emptied by MoDCache.reset() for this request
-            cache.max_length = max(cache.max_length or 0, max_length or 0) or None
+            if cache.seen == 0:  # this request's length (a reset cache's buffers keep their size regardless)
+                cache.max_length = max_length or cache.max_length
+            else:  # continuing the cached tokens: up to the longer of the two
+                cache.max_length = max(cache.max_length or 0, max_length or 0) or None
             return
         if generation_config.use_cache is False:
             return
