@@ -123,10 +123,10 @@ def _blocked(q, k, v, qs: Slots, ks: Slots, scaling, self_attention: bool, windo
     else:
         pad = len(starts) * c - Lq  # [B, blocks]: each block's largest query position
         top = F.pad(qs.pos, (0, pad), value=0).view(B, len(starts), c).amax(-1)
-        seen = ks.pos[:, None, :] <= top[:, :, None]
-        if ks.valid is not None:
-            seen &= ks.valid[:, None, :]
-        reach = torch.where(seen, torch.arange(1, Lk + 1, device=k.device), 0).amax(-1).amax(0)
+        kp = ks.pos if ks.valid is None else ks.pos.masked_fill(~ks.valid, torch.iinfo(ks.pos.dtype).max)
+        after = kp.flip(-1).cummin(-1).values.flip(-1)  # [B, Lk]: smallest valid position at or after each key
+        # keys [0, reach) hold every valid key at a position <= top; `after` is non-decreasing: a binary search
+        reach = torch.searchsorted(after.contiguous(), top.contiguous(), right=True).amax(0)
         ends = [max(int(e), 1) for e in reach.tolist()]
     out = []
     for a, b, e in zip(starts, stops, ends):
