@@ -93,3 +93,18 @@ def test_non_eager_decode_is_timed_after_its_warm_up_steps():
         s, tok = B._decode_loop(Counting(), torch.ones(1, 1, dtype=torch.long), cache, 3, torch.device("cpu"))
         assert len(seen) == calls and s > 0 and tok.shape == (1, 1), (decode, len(seen))
         assert (cache.static is not None) == (decode != "eager")
+
+
+def test_prefill_profile_rows(smollm2_dir, tmp_path):
+    """--profile: each length's dense and MoD prefill profiled once; busy time within the wall time, the MoD prefill
+    syncs at least once per routed layer that runs (its one host decision) and the dense one never."""
+    cfg = BenchConfig(dense=str(smollm2_dir), lengths=[64], rates=[0.5], decode_tokens=0, repeats=1, memory=False,
+                      profile=True, out=str(tmp_path))
+    res = run_bench(cfg, progress=False)
+    row = res["rows"][0]
+    d, m = row["dense_profile"], row["mod_profile"]
+    for p in (d, m):
+        assert 0 < p["busy_ms"] <= p["wall_ms"] and 0 <= p["idle_share"] < 1 and p["launches"] > 0 and p["top"]
+    assert d["syncs"] == 0 and m["syncs"] >= 1
+    md = table(res)
+    assert "| 64 | dense |" in md and "| 64 | mod r 0.5 |" in md and "idle share" in md

@@ -62,6 +62,9 @@ class BenchConfig:
     decode: Literal["eager", "static", "cuda_graphs"] = "eager"
     """How decode steps run (MoDConfig.decode). Not 'eager': the dense baseline is the MoD model with routing off,
     decoded by the same static pieces (and CUDA graphs), so both pay the same per-step overhead."""
+    profile: bool = False
+    """Also profile one more prefill per length (dense and each rate) with the torch profiler: device-busy time
+    against wall time, host syncs, launches and the top ops, to find where a prefill loses to its FLOP ideal."""
     memory: bool = True
     """On CPU, measure peak RSS growth in a fresh process per configuration (one extra prefill each); false: the
     peak-memory ratio is n/a (null in bench.json), since RSS growth inside the warm benchmark process means nothing."""
@@ -284,6 +287,11 @@ def _run_bench(cfg: BenchConfig, settings, progress: bool) -> dict:
                 use(rate)
                 best_m[rate] = _best(best_m.get(rate), _prefill_decode(mod, ids, cfg.decode_tokens, device, True))
                 bar.update(1)
+        if cfg.profile:
+            best_d["profile"] = prefill_profile(dense, ids, device, False)
+            for rate in cfg.rates:
+                use(rate)
+                best_m[rate]["profile"] = prefill_profile(mod, ids, device, True)
         if device.type == "cpu" and cfg.memory:
             best_d["peak_bytes"] = _cpu_peak(dense_path, None, cfg.dtype, None, ids, cfg.decode_tokens)
             for rate in cfg.rates:
@@ -400,6 +408,58 @@ def step_profile(model, tok, cache, device) -> dict:
     return dict(syncs_step=sum(1 for e in ev if e.name in SYNC_OPS), launches_step=launches)
 
 
+def prefill_profile(model, ids, device, is_mod, top: int = 6) -> dict:
+    """One prefill under the torch profiler. `busy_ms`: the device's op time (CUDA: summed kernel time; CPU: summed
+    self time of the computing ops), against `wall_ms`; `idle_share` = 1 - busy / wall is what the prefill spends on
+    neither (launch overheads, host syncs, Python); plus syncs, launches and the `top` ops by that time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mod_train import MoDCache
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    cache = MoDCache(model.config.num_hidden_layers) if is_mod or isinstance(model, RoutingOff) else None
+    with torch.no_grad(), profile(activities=acts) as prof:
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    ev = prof.events()
+    if cuda:
+        def dev_us(e):
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        ops = [e for e in prof.key_averages() if dev_us(e) > 0]
+        launches = sum(1 for e in ev if e.name in LAUNCHES)
+    else:
+        def dev_us(e):
+            return e.self_cpu_time_total
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NO_KERNEL]
+        launches = sum(1 for e in ev if e.name.startswith("aten::") and e.name not in NO_KERNEL
+                       and all(c.name in NO_KERNEL or not c.name.startswith("aten::") for c in e.cpu_children))
+    busy = sum(dev_us(e) for e in ops) / 1e3
+    ops.sort(key=dev_us, reverse=True)
+    return dict(wall_ms=1e3 * wall, busy_ms=busy, idle_share=max(0.0, 1 - busy / (1e3 * wall)),
+                syncs=sum(1 for e in ev if e.name in SYNC_OPS), launches=launches,
+                top=[(e.key, e.count, dev_us(e) / 1e3) for e in ops[:top]])
+
+
+def profile_table(rows: list[dict]) -> str:
+    """Markdown table of the prefill profiles of a bench run (BenchConfig.profile)."""
+    lines = ["| ctx | model | wall ms | busy ms | idle share | syncs | launches | top ops (count, ms) |",
+             "|" + "---|" * 8]
+    dense_done = set()  # one dense row per length (every rate's row carries it)
+    for r in rows:
+        for name, p in (("dense", r.get("dense_profile")), (f"mod r {r['target_rate']}", r.get("mod_profile"))):
+            if p is None or (name == "dense" and r["length"] in dense_done):
+                continue
+            if name == "dense":
+                dense_done.add(r["length"])
+            top = "; ".join(f"{k} ({c}, {t:.1f})" for k, c, t in p["top"][:3])
+            lines.append(f"| {r['length']} | {name} | {p['wall_ms']:.1f} | {p['busy_ms']:.1f} | {p['idle_share']:.2f} | "
+                         f"{p['syncs']} | {p['launches']} | {top} |")
+    return "\n".join(lines)
+
+
 def run_serve(cfg: BenchConfig, dense, mod, ids_all, use, device, progress=True) -> list[dict]:
     """The serving rows: per length, the dense model and the MoD model at each calibrated rate (see serve_one)."""
     from tqdm import tqdm
@@ -471,7 +531,8 @@ def _row(config, L, rate, d, m, keep=frozenset()):
                mod_kv_bytes=m["kv_bytes"], dense_peak_bytes=d["peak_bytes"], mod_peak_bytes=m["peak_bytes"],
                ideal_prefill_speedup=F.prefill_flops(config, L) / F.prefill_flops(config, L, m["rates"], 1, keep),
                ideal_decode_speedup=F.decode_flops(config, L) / F.decode_flops(config, L, m["rates"], keep),
-               ideal_kv_ratio=1 / F.kv_ratio(config, m["rates"], keep))
+               ideal_kv_ratio=1 / F.kv_ratio(config, m["rates"], keep),
+               dense_profile=d.get("profile"), mod_profile=m.get("profile"))
     row["prefill_speedup"] = d["prefill_s"] / row["mod_prefill_s"]
     row["prefill_measured_over_ideal"] = row["prefill_speedup"] / row["ideal_prefill_speedup"]
     if row["mod_decode_s"]:
@@ -495,10 +556,13 @@ def table(results: dict) -> str:
         lines.append(
             f"| {r['length']} | {r['target_rate']} | {r['realised_rate']:.3f} | {r['dense_prefill_s']:.2f} | "
             f"{r['mod_prefill_s']:.2f} | {r['prefill_speedup']:.2f}x | {r['ideal_prefill_speedup']:.2f}x | "
-            f"{r['prefill_measured_over_ideal']:.2f} | {dec_d} | {dec_m} | {r.get('decode_speedup', 0):.2f}x | "
+            f"{r['prefill_measured_over_ideal']:.2f} | {dec_d} | {dec_m} | "
+            f"{format(r['decode_speedup'], '.2f') + 'x' if 'decode_speedup' in r else '-'} | "
             f"{r['ideal_decode_speedup']:.2f}x | {r['dense_kv_bytes'] / 2**20:.1f} | {r['mod_kv_bytes'] / 2**20:.1f} | "
             f"{r['kv_ratio']:.2f}x | {r['ideal_kv_ratio']:.2f}x | "
             f"{'n/a' if r['peak_ratio'] is None else format(r['peak_ratio'], '.2f') + 'x'} |")
+    if any(r.get("mod_profile") for r in results["rows"]):
+        lines += ["", profile_table(results["rows"])]
     if results.get("train"):
         lines += ["", "| ctx | target r | realised r | fwd+bwd dense s | fwd+bwd MoD s | speedup | ideal | meas/ideal |",
                   "|" + "---|" * 8]
