@@ -402,3 +402,17 @@ def test_init_routers_gathers_partitioned_routers():
     m.model.layers[3].router.weight.data = torch.empty(0)  # what a ZeRO-3 partition leaves on a rank
     with pytest.raises(ValueError, match="partitioned"):
         init_routers(m)
+
+
+def test_aux_loss_in_inference_forwards():
+    """With labels the auxiliary loss is the same with or without gradients (evaluation reports it); an inference
+    forward without labels (prefill, generation) skips it and reports 0."""
+    m = random_routers(modify(tiny_model(), MoDConfig(alpha=0.5)))
+    ids, _ = _batch(pad=False)
+    train = m(input_ids=ids, labels=ids).aux_loss
+    with torch.no_grad():
+        evaluated = m(input_ids=ids, labels=ids).aux_loss
+        served = m(input_ids=ids)
+    assert float(train) > 0
+    torch.testing.assert_close(evaluated, train.detach())
+    assert float(served.aux_loss) == 0.0 and served.routing

@@ -28,26 +28,37 @@ class _LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, s: Slots, counts: torch.Tensor | None):
         """Write n new slots per row (k/v [B, Hkv, n, D]); row b keeps its first counts[b] of them (None: all n)."""
         B, H, n, D = k.shape
-        if self.k is None or (self.bound == 0 and (self.k.shape[:2] != (B, H) or self.k.shape[3] != D
-                                                   or self.k.dtype != k.dtype or self.k.device != k.device)):
-            self.k = None  # the first append, or a reset cache taking a request of another shape
-            self.length = torch.zeros(B, dtype=torch.long, device=k.device)
-            self._grow(B, H, D, n, k)
-        if self.bound + n > self.k.shape[2]:
-            cap = self.k.shape[2]  # grow by 1/8 (>= 256 slots): bounded slack, O(1) amortised appends
-            self._grow(B, H, D, max(self.bound + n, cap + max(256, cap // 8)), k)
-        idx = self.length[:, None] + torch.arange(n, device=k.device)  # [B, n]
-        i4 = idx[:, None, :, None].expand(B, H, n, D)
-        self.k.scatter_(2, i4, k.to(self.k.dtype))
-        self.v.scatter_(2, i4, v.to(self.v.dtype))
-        self.pos.scatter_(1, idx, s.pos)
+        if self.k is not None and self.bound == 0 and (self.k.shape[:2] != (B, H) or self.k.shape[3] != D
+                                                       or self.k.dtype != k.dtype or self.k.device != k.device):
+            self.k = None  # a reset cache taking a request of another shape
         valid = s.valid if s.valid is not None else torch.ones_like(s.pos, dtype=torch.bool)
-        if counts is None:
-            self.valid.scatter_(1, idx, valid)
-            self.length += n
+        if counts is not None:
+            valid = valid & (torch.arange(n, device=k.device) < counts[:, None])
+        if self.k is None and counts is None:  # a fresh prefill: its own K/V, exact capacity, nothing scattered
+            self.k, self.v = k.contiguous(), v.contiguous()
+            self.pos = s.pos.clone(memory_format=torch.contiguous_format)  # never the caller's tensors: written
+            self.valid = valid if valid is not s.valid else valid.clone()  # in place after a reset()
+            self.length = torch.full((B,), n, dtype=torch.long, device=k.device)
         else:
-            self.valid.scatter_(1, idx, valid & (torch.arange(n, device=k.device) < counts[:, None]))
-            self.length += counts
+            if self.k is None:
+                self.length = torch.zeros(B, dtype=torch.long, device=k.device)
+                self._grow(B, H, D, n, k)
+            if self.bound + n > self.k.shape[2]:
+                cap = self.k.shape[2]  # grow by 1/8 (>= 256 slots): bounded slack, O(1) amortised appends
+                self._grow(B, H, D, max(self.bound + n, cap + max(256, cap // 8)), k)
+            if self.bound == 0:  # every row starts at slot 0 (a fresh or reset layer): plain copies
+                self.k[:, :, :n].copy_(k)
+                self.v[:, :, :n].copy_(v)
+                self.pos[:, :n].copy_(s.pos)
+                self.valid[:, :n].copy_(valid)
+            else:
+                idx = self.length[:, None] + torch.arange(n, device=k.device)  # [B, n]
+                i4 = idx[:, None, :, None].expand(B, H, n, D)
+                self.k.scatter_(2, i4, k.to(self.k.dtype))
+                self.v.scatter_(2, i4, v.to(self.v.dtype))
+                self.pos.scatter_(1, idx, s.pos)
+                self.valid.scatter_(1, idx, valid)
+            self.length += n if counts is None else counts
         self.bound += n
         self.padded |= s.valid is not None or counts is not None
 

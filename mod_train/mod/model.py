@@ -23,7 +23,8 @@ from mod_train.mod.layer import StepMeta, dense_layer, routed_layer_fast, routed
 
 @dataclass
 class MoDCausalLMOutput(CausalLMOutputWithPast):
-    """HF causal-LM output plus MoD terms. `loss` = LM loss + `aux_loss`."""
+    """HF causal-LM output plus MoD terms. `loss` = LM loss + `aux_loss` (computed with labels or gradients; zero in
+    an inference forward without labels)."""
 
     aux_loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
@@ -226,7 +227,10 @@ class MoDMixin:
             cache.seen += h.shape[1]
         logits, lm_loss = self.mod_head(h, labels, meta, logits_to_keep)
         cfg = self.mod_config
-        aux = R.aux_loss(terms, cfg, training_topk=not self._causal_routing(meta)).to(h.device)
+        if labels is not None or torch.is_grad_enabled():
+            aux = R.aux_loss(terms, cfg, training_topk=not self._causal_routing(meta)).to(h.device)
+        else:  # inference without labels (prefill, generation): no loss to add it to, and ~6 kernels per routed layer
+            aux = torch.zeros((), device=h.device)
         loss = None if lm_loss is None else lm_loss + aux.to(lm_loss.dtype)
         return MoDCausalLMOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux, lm_loss=lm_loss,
                                  routing=R.routing_stats(terms))
