@@ -111,7 +111,8 @@ class StaticDecoder:
             L._grow(B, Hkv, attn.head_dim, max(L.bound + 1, cap + grow) if cap else L.bound + grow,
                     L.k if L.k is not None else torch.empty(0, dtype=dt, device=dev))
         # the settings are baked into captured kernels (thresholds, rates): a new MoDConfig is a new state
-        key = (m._routing_off, B, cfg, tuple(cache.layers[i].k.data_ptr() for i in self.writers))
+        key = (m._routing_off, B, cfg, tuple(getattr(cache.layers[i], n).data_ptr() for i in self.writers
+                                             for n in ("k", "v", "pos", "valid", "length")))
         if key == self._key and self.st["ids"].shape[0] == B:
             if self.stale:  # same buffers after an eager call: the captures hold; the history rings are refilled
                 for i, ring in self.hist.items():
