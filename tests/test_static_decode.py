@@ -216,7 +216,7 @@ def recorded_graphs(monkeypatch):
     monkeypatch.setattr(G.StaticDecoder, "capture", staticmethod(capture))
     monkeypatch.setattr(G.StaticDecoder, "_attention", checked)
     monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: object())
-    monkeypatch.setattr(G, "can_capture", lambda model: True)
+    monkeypatch.setattr(G, "on_cuda", lambda model: True)
     return calls
 
 
@@ -423,3 +423,24 @@ def test_spans_grow_by_powers_of_two_and_stay_exact(monkeypatch):
         n, bound = dec.spans[i], cache.layers[i].bound
         assert n & (n - 1) == 0 and bound <= n < 2 * max(bound, 4), (i, n, bound)
     assert max(dec.spans.values()) < max(L.k.shape[2] for L in cache.layers if L.k is not None)
+
+
+def test_a_failed_capture_falls_back_to_static_decoding_and_says_so_once(recorded_graphs, monkeypatch, capsys):
+    """A piece that cannot be captured (an op not allowed in a CUDA graph on some setup) does not break generation:
+    the step is made without graphs, exactly as 'static', one line says so, and later generations do not retry."""
+    from mod_train.mod import graphs as G
+
+    def failing(fns, pool):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+    monkeypatch.setattr(G.StaticDecoder, "capture", staticmethod(failing))
+    m = _model(SEMANTICS["keep+sink"])
+    ids, mask = _batch(2, 8, True)
+    want = _generate(m, ids, mask, "static")
+    got = _generate(m, ids, mask, "cuda_graphs")
+    _same(got, want)
+    out = capsys.readouterr().out
+    assert out.count("CUDA graph capture of decode piece") == 1 and "operation not permitted" in out
+    assert "more detail" not in out and m._mod_graph_error
+    cache = MoDCache(m.config.num_hidden_layers)
+    _same(_generate(m, ids, mask, "cuda_graphs", cache), want)
+    assert not cache.static.graphs and "capture of decode piece" not in capsys.readouterr().out

@@ -24,8 +24,9 @@ again if a buffer moves (growth, beam reordering, another batch size). A server 
 size (its batch-size buckets) and empties it with `MoDCache.reset()` between requests: the buffers stay where they
 are, so the next request replays the graphs already captured (HF's StaticCache.reset() pattern); an eager call on
 the cache (the next prefill) only marks the static state stale, and the next step re-reads the routing history.
-On CPU 'cuda_graphs' decodes as 'static': the same pieces, called directly, which is how the logic is tested
-without a GPU.
+If a piece cannot be captured on some setup (an op not allowed in a CUDA graph), the model decodes on as 'static'
+and one line says so. On CPU 'cuda_graphs' decodes as 'static': the same pieces, called directly, which is how the
+logic is tested without a GPU.
 
 The static step equals the eager one (tests/test_static_decode.py): the same routing rule on the same logits,
 the same K/V, attention over the same valid keys. What it changes is where the work is decided, not what is
@@ -44,9 +45,13 @@ from mod_train.mod.layer import _gated, _kv, _qkv, _window, router_input
 CHUNK = 256  # slots added per growth when the cache has no max_length
 
 
-def can_capture(model) -> bool:
-    """CUDA graphs are possible: the model is on a CUDA device."""
+def on_cuda(model) -> bool:
     return torch.cuda.is_available() and model.lm_head.weight.is_cuda
+
+
+def can_capture(model) -> bool:
+    """CUDA graphs are possible: the model is on a CUDA device, and no capture has failed for it before."""
+    return on_cuda(model) and getattr(model, "_mod_graph_error", None) is None
 
 
 class StaticDecoder:
@@ -258,8 +263,23 @@ class StaticDecoder:
                 return
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            replay = self._g[key] = self.capture(fns, self._pool)
+            try:
+                replay = self._g[key] = self.capture(fns, self._pool)
+            except Exception as e:  # noqa: BLE001 - any capture failure: the piece runs as it is, and says so
+                self._give_up_graphs(name, e)
+                for f in fns:  # a capture records and runs nothing: the step is still to be made
+                    f()
+                return
         replay()
+
+    def _give_up_graphs(self, name, error):
+        """A piece that cannot be captured on this setup: this model decodes on as 'static' (no graphs), and says so
+        once; a later generation does not try again."""
+        msg = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+        self.graphs, self._g = False, {}
+        self.model._mod_graph_error = msg
+        print(f"[mod_train] warning: CUDA graph capture of decode piece {name!r} failed ({msg}); this model decodes "
+              "with decode='static' (the same steps, without graphs) from now on", flush=True)
 
     @staticmethod
     def warmup(fns):
