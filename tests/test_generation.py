@@ -120,3 +120,16 @@ def test_generate_from_saved_model(tmp_path):
     ids, _ = _left_padded(B=1)
     assert torch.equal(m.generate(ids, max_new_tokens=6, do_sample=False),
                        loaded.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_a_prefill_stores_k_and_v_in_one_dtype():
+    """Under autocast K (RoPE'd with fp32 cos/sin) and V can come out in different dtypes: the cache stores both in
+    K's, as a grown buffer does, so its byte counts are those of the tensors it holds."""
+    from mod_train import MoDCache
+    from mod_train.mod.attention import Slots
+    cache = MoDCache(1)
+    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8).to(torch.bfloat16)
+    cache.update(0, k, v, Slots(torch.arange(5)[None].expand(2, 5)), None)
+    L = cache.layers[0]
+    assert L.k.dtype == L.v.dtype == torch.float32
+    assert cache.total_bytes() == L.k.numel() * 4 + L.v.numel() * 4

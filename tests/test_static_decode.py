@@ -284,6 +284,28 @@ def test_cuda_graphs_are_replayed_for_the_next_request_on_a_reset_cache():  # pr
     torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_real_failed_capture_restores_the_stream_and_decodes_on(monkeypatch, capsys):  # pragma: no cover - CUDA
+    """A host sync inside a piece (not allowed in a CUDA graph): the capture fails, the caller's stream is current
+    again, and decoding goes on equal to 'static', with one line naming the sync's error."""
+    from mod_train.mod import graphs as G
+    head = G.StaticDecoder._head
+
+    def syncing(self):
+        head(self)
+        float(self.st["logits"].sum())  # a host sync
+    monkeypatch.setattr(G.StaticDecoder, "_head", syncing)
+    m = _model(SEMANTICS["keep+sink"]).cuda()
+    ids, mask = (t.cuda() for t in _batch(2, 8, True))
+    stream = torch.cuda.current_stream()
+    got = _generate(m, ids, mask, "cuda_graphs", n=8)
+    assert torch.cuda.current_stream() == stream and m._mod_graph_error
+    assert "CUDA graph capture of decode piece" in capsys.readouterr().out
+    want = _generate(m, ids, mask, "static", n=8)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+
+
 def test_new_settings_between_static_steps_are_taken():
     """Thresholds changed mid-generation (set_mod_config) reach the static step (a captured graph bakes them in,
     so the state is made again), as they reach the eager one."""

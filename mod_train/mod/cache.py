@@ -35,7 +35,7 @@ class _LayerKV:
         if counts is not None:
             valid = valid & (torch.arange(n, device=k.device) < counts[:, None])
         if self.k is None and counts is None:  # a fresh prefill: its own K/V, exact capacity, nothing scattered
-            self.k, self.v = k.contiguous(), v.contiguous()
+            self.k, self.v = k.contiguous(), v.to(k.dtype).contiguous()  # one dtype for both, as _grow makes them
             self.pos = s.pos.clone(memory_format=torch.contiguous_format)  # never the caller's tensors: written
             self.valid = valid if valid is not s.valid else valid.clone()  # in place after a reset()
             self.length = torch.full((B,), n, dtype=torch.long, device=k.device)

@@ -273,13 +273,18 @@ class StaticDecoder:
         replay()
 
     def _give_up_graphs(self, name, error):
-        """A piece that cannot be captured on this setup: this model decodes on as 'static' (no graphs), and says so
-        once; a later generation does not try again."""
-        msg = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-        self.graphs, self._g = False, {}
-        self.model._mod_graph_error = msg
-        print(f"[mod_train] warning: CUDA graph capture of decode piece {name!r} failed ({msg}); this model decodes "
-              "with decode='static' (the same steps, without graphs) from now on", flush=True)
+        """A piece that cannot be captured: this cache decodes on as 'static' (no graphs), and one line says so. Out
+        of memory is this cache's problem; anything else (an op a graph does not allow) is the model's, and later
+        generations do not try again."""
+        cause = error.__context__ or error  # a failed capture's own error, not capture_end's "previous error"
+        msg = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+        self.graphs, self._g, self._pool = False, {}, None
+        oom = isinstance(cause, torch.cuda.OutOfMemoryError)
+        if not oom:
+            self.model._mod_graph_error = msg
+        print(f"[mod_train] warning: CUDA graph capture of decode piece {name!r} failed ({msg}); "
+              f"{'this generation' if oom else 'this model'} decodes with decode='static' (the same steps, without "
+              f"graphs){'' if oom else ' from now on'}", flush=True)
 
     @staticmethod
     def warmup(fns):
@@ -293,11 +298,23 @@ class StaticDecoder:
 
     @staticmethod
     def capture(fns, pool):
-        """Record the piece as a CUDA graph (recorded, not run) in the shared pool; returns its replay."""
+        """Record the piece as a CUDA graph (recorded, not run) in the shared pool; returns its replay. A capture that
+        fails leaves the caller's stream current again and the pool no longer capturing, then raises."""
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            for f in fns:
-                f()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(g, pool=pool):
+                for f in fns:
+                    f()
+        except BaseException:  # pragma: no cover - needs CUDA (tests/test_static_decode.py runs it there)
+            # torch.cuda.graph's exit skips both when capture_end raises on an invalidated capture
+            torch.cuda.set_stream(stream)
+            try:
+                torch._C._cuda_endAllocateToPool(stream.device.index, pool)
+            except Exception:  # noqa: BLE001 - already ended by a capture_end that got that far
+                pass
+            torch.cuda.synchronize()
+            raise
         return g.replay
 
     @torch.no_grad()
