@@ -125,7 +125,6 @@ def test_generate_from_saved_model(tmp_path):
 def test_a_prefill_stores_k_and_v_in_one_dtype():
     """Under autocast K (RoPE'd with fp32 cos/sin) and V can come out in different dtypes: the cache stores both in
     K's, as a grown buffer does, so its byte counts are those of the tensors it holds."""
-    from mod_train import MoDCache
     from mod_train.mod.attention import Slots
     cache = MoDCache(1)
     k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8).to(torch.bfloat16)
