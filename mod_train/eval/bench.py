@@ -142,13 +142,19 @@ class RoutingOff:
         return getattr(self.mod, name)
 
 
+def _new_cache(model, is_mod, max_length=None):
+    """A fresh MoDCache for the MoD model or its routing-off baseline; None for the HF dense model (its own cache)."""
+    from mod_train import MoDCache
+    if is_mod or isinstance(model, RoutingOff):
+        return MoDCache(model.config.num_hidden_layers, max_length=max_length)
+    return None
+
+
 @torch.no_grad()
 def _prefill(model, ids, device, is_mod, n_decode: int = 0):
     """One timed prefill with a fresh cache sized for `n_decode` more tokens (what generate() does; the static
     decode step allocates once): (output, seconds, peak memory growth)."""
-    from mod_train import MoDCache
-    cache = MoDCache(model.config.num_hidden_layers, max_length=ids.shape[1] + n_decode + WARM_STEPS) \
-        if is_mod or isinstance(model, RoutingOff) else None
+    cache = _new_cache(model, is_mod, ids.shape[1] + n_decode + WARM_STEPS)
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
@@ -400,12 +406,20 @@ def step_profile(model, tok, cache, device) -> dict:
         model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
         _sync(device)
     ev = prof.events()
-    if device.type == "cuda":
-        launches = sum(1 for e in ev if e.name in LAUNCHES)
-    else:
-        launches = sum(1 for e in ev if e.name.startswith("aten::") and e.name not in NO_KERNEL
-                       and all(c.name in NO_KERNEL or not c.name.startswith("aten::") for c in e.cpu_children))
-    return dict(syncs_step=sum(1 for e in ev if e.name in SYNC_OPS), launches_step=launches)
+    return dict(syncs_step=_syncs(ev), launches_step=_launches(ev, device.type == "cuda"))
+
+
+def _syncs(ev) -> int:
+    return sum(1 for e in ev if e.name in SYNC_OPS)
+
+
+def _launches(ev, cuda: bool) -> int:
+    """Host-side launches among profiler events: CUDA kernel and graph launches; on CPU, the aten ops that compute
+    and call no other computing op (each about one kernel on a GPU)."""
+    if cuda:
+        return sum(1 for e in ev if e.name in LAUNCHES)
+    return sum(1 for e in ev if e.name.startswith("aten::") and e.name not in NO_KERNEL
+               and all(c.name in NO_KERNEL or not c.name.startswith("aten::") for c in e.cpu_children))
 
 
 def prefill_profile(model, ids, device, is_mod, top: int = 6) -> dict:
@@ -413,11 +427,9 @@ def prefill_profile(model, ids, device, is_mod, top: int = 6) -> dict:
     self time of the computing ops), against `wall_ms`; `idle_share` = 1 - busy / wall is what the prefill spends on
     neither (launch overheads, host syncs, Python); plus syncs, launches and the `top` ops by that time."""
     from torch.profiler import ProfilerActivity, profile
-
-    from mod_train import MoDCache
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    cache = MoDCache(model.config.num_hidden_layers) if is_mod or isinstance(model, RoutingOff) else None
+    cache = _new_cache(model, is_mod)
     with torch.no_grad(), profile(activities=acts) as prof:
         _sync(device)
         t0 = time.perf_counter()
@@ -429,17 +441,14 @@ def prefill_profile(model, ids, device, is_mod, top: int = 6) -> dict:
         def dev_us(e):
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         ops = [e for e in prof.key_averages() if dev_us(e) > 0]
-        launches = sum(1 for e in ev if e.name in LAUNCHES)
     else:
         def dev_us(e):
             return e.self_cpu_time_total
         ops = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NO_KERNEL]
-        launches = sum(1 for e in ev if e.name.startswith("aten::") and e.name not in NO_KERNEL
-                       and all(c.name in NO_KERNEL or not c.name.startswith("aten::") for c in e.cpu_children))
     busy = sum(dev_us(e) for e in ops) / 1e3
     ops.sort(key=dev_us, reverse=True)
     return dict(wall_ms=1e3 * wall, busy_ms=busy, idle_share=max(0.0, 1 - busy / (1e3 * wall)),
-                syncs=sum(1 for e in ev if e.name in SYNC_OPS), launches=launches,
+                syncs=_syncs(ev), launches=_launches(ev, cuda),
                 top=[(e.key, e.count, dev_us(e) / 1e3) for e in ops[:top]])
 
 
