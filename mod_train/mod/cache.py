@@ -28,9 +28,7 @@ class _LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, s: Slots, counts: torch.Tensor | None):
         """Write n new slots per row (k/v [B, Hkv, n, D]); row b keeps its first counts[b] of them (None: all n)."""
         B, H, n, D = k.shape
-        if self.k is not None and self.bound == 0 and (self.k.shape[:2] != (B, H) or self.k.shape[3] != D
-                                                       or self.k.dtype != k.dtype or self.k.device != k.device):
-            self.k = None  # a reset cache taking a request of another shape
+        self.release_unfit(B, H, D, k.dtype, k.device)
         valid = s.valid if s.valid is not None else torch.ones_like(s.pos, dtype=torch.bool)
         if counts is not None:
             valid = valid & (torch.arange(n, device=k.device) < counts[:, None])
@@ -61,6 +59,13 @@ class _LayerKV:
             self.length += n if counts is None else counts
         self.bound += n
         self.padded |= s.valid is not None or counts is not None
+
+    def release_unfit(self, B, H, D, dtype, device):
+        """An empty layer (a reset cache) holding buffers of another shape, dtype or device (the last request's) lets
+        them go, to be allocated anew for this one."""
+        if self.k is not None and self.bound == 0 and (self.k.shape[:2] != (B, H) or self.k.shape[3] != D
+                                                       or self.k.dtype != dtype or self.k.device != device):
+            self.k = None
 
     def reset(self):
         """Empty, keeping the buffers where they are (MoDCache.reset)."""

@@ -105,8 +105,7 @@ class StaticDecoder:
         Hkv = m.config.num_key_value_heads
         for i in self.writers:  # room for the rest of the generation (max_length), else a chunk more
             L = cache.layers[i]
-            if L.k is not None and L.bound == 0 and (L.k.shape[0] != B or L.k.dtype != dt or L.k.device != dev):
-                L.k = None  # a reset cache's empty layer still holds another request's rows: allocated anew
+            L.release_unfit(B, Hkv, attn.head_dim, dt, dev)  # a reset cache's empty layer of another request
             cap = 0 if L.k is None else L.k.shape[2]
             if L.bound + 1 <= cap:
                 continue
@@ -118,7 +117,7 @@ class StaticDecoder:
         # the settings are baked into captured kernels (thresholds, rates): a new MoDConfig is a new state
         key = (m._routing_off, B, cfg, tuple(getattr(cache.layers[i], n).data_ptr() for i in self.writers
                                              for n in ("k", "v", "pos", "valid", "length")))
-        if key == self._key and self.st["ids"].shape[0] == B:
+        if key == self._key:  # the batch size is part of the key
             if self.stale:  # same buffers after an eager call: the captures hold; the history rings are refilled
                 for i, ring in self.hist.items():
                     self._fill_ring(i, ring)
